@@ -1,0 +1,61 @@
+"""timm-native export: a directory that plain ``timm.create_model('local-dir:DIR', pretrained=True)`` reads."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import timm
+from timm.models import save_for_hf
+from torch import nn
+
+from . import __version__
+from .backbones import export_config
+from .errors import RetrofitError
+from .surgery import check_supported, count_registers
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+def export(model: nn.Module, out_dir: str | Path, overwrite: bool = False, **metadata: Any) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (timm's hub layout) to ``out_dir``, atomically.
+
+    Everything is written to a temporary sibling directory that is renamed into place at the end,
+    so an interrupted export leaves no half-written model. An existing non-empty ``out_dir`` is
+    replaced only with ``overwrite=True``. ``metadata`` lands under ``"retrofit"`` in config.json.
+    """
+    check_supported(model)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise RetrofitError(f"{out} already exists and is not empty: choose another directory or pass overwrite=True.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        info = {"version": __version__, "num_registers": count_registers(model), **metadata}
+        save_for_hf(model, tmp, model_config={"retrofit": info}, safe_serialization=True)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load(path: str | Path, **model_kwargs: Any) -> nn.Module:
+    """Create the model saved by :func:`export` (eval mode), through timm's own ``local-dir:`` loader."""
+    path = Path(path)
+    export_config(path)  # clear error on a missing or broken config.json
+    if not (path / WEIGHTS_NAME).is_file():
+        raise RetrofitError(f"{path} has no {WEIGHTS_NAME}: it is not a complete export, export the model again.")
+    try:
+        model = timm.create_model(f"local-dir:{path.resolve()}", pretrained=True, **model_kwargs)
+    except Exception as e:
+        raise RetrofitError(f"{path} could not be loaded ({type(e).__name__}: {str(e)[:120]}): export it again.") from e
+    return model.eval()

@@ -1,0 +1,84 @@
+"""Patch features as (B, H, W, D) grids: the one view of a ViT that metrics, targets and maps share."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from timm.layers import Format
+from torch import nn
+
+from .errors import RetrofitError
+from .surgery import check_supported
+
+
+def patch_size(model: nn.Module) -> tuple[int, int]:
+    ps = model.patch_embed.patch_size
+    return (ps, ps) if isinstance(ps, int) else tuple(ps)
+
+
+def grid_size(model: nn.Module, height: int, width: int) -> tuple[int, int]:
+    """Patch grid for an input size; a size that the patch does not divide is an error."""
+    ph, pw = patch_size(model)
+    if height % ph or width % pw:
+        raise RetrofitError(
+            f"input size {height}x{width} is not divisible by the patch size {ph}x{pw}: "
+            f"resize or crop to a multiple, e.g. {height // ph * ph}x{width // pw * pw}."
+        )
+    return height // ph, width // pw
+
+
+@contextmanager
+def dynamic_input(model: nn.Module, size: Sequence[int]) -> Iterator[None]:
+    """Let a fixed-size timm ViT run at another resolution for the duration of the block.
+
+    timm's own dynamic mode (resample the position embedding on the fly, keep the patch grid
+    until after it is added) is switched on and then restored, so the caller's model is left as
+    it was. A model built with ``dynamic_img_size=True`` or fed its own size is untouched.
+    """
+    pe = model.patch_embed
+    if model.dynamic_img_size or tuple(size) == tuple(pe.img_size):
+        yield
+        return
+    saved = (model.dynamic_img_size, pe.strict_img_size, pe.flatten, pe.output_fmt)
+    model.dynamic_img_size, pe.strict_img_size, pe.flatten, pe.output_fmt = True, False, False, Format.NHWC
+    try:
+        yield
+    finally:
+        model.dynamic_img_size, pe.strict_img_size, pe.flatten, pe.output_fmt = saved
+
+
+def patch_features(
+    model: nn.Module,
+    images: torch.Tensor,
+    layers: int | Sequence[int] | None = None,
+    norm: bool = True,
+) -> torch.Tensor | list[torch.Tensor]:
+    """Patch tokens of ``images`` (B, 3, H, W) as (B, H/p, W/p, D), class and register tokens split off.
+
+    ``layers=None`` gives the final features (after the final norm) as one tensor. Otherwise a
+    list with one grid per selected block (indices as timm's ``forward_intermediates`` takes
+    them: an int n means the last n blocks), each passed through the final norm when ``norm``.
+    """
+    check_supported(model)
+    if images.ndim != 4:
+        raise RetrofitError(f"images must be a (B, C, H, W) tensor, got shape {tuple(images.shape)}.")
+    b = images.shape[0]
+    gh, gw = grid_size(model, *images.shape[-2:])
+    with dynamic_input(model, images.shape[-2:]):
+        if layers is None:
+            tokens = model.forward_features(images)
+            return tokens[:, model.num_prefix_tokens:].reshape(b, gh, gw, -1)
+        grids = model.forward_intermediates(
+            images, indices=layers, norm=norm, output_fmt="NLC", intermediates_only=True
+        )
+    return [g.reshape(b, gh, gw, -1) for g in grids]
+
+
+def forward_tokens(model: nn.Module, images: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """All final tokens (B, prefix + H*W, D) at any valid input size, optionally with an attention mask."""
+    check_supported(model)
+    grid_size(model, *images.shape[-2:])
+    with dynamic_input(model, images.shape[-2:]):
+        return model.forward_features(images, attn_mask=attn_mask)
