@@ -49,6 +49,16 @@ def dynamic_input(model: nn.Module, size: Sequence[int]) -> Iterator[None]:
         model.dynamic_img_size, pe.strict_img_size, pe.flatten, pe.output_fmt = saved
 
 
+def _check_layers(model: nn.Module, layers: int | Sequence[int] | None) -> None:
+    depth = len(model.blocks)
+    bad = [i for i in ([] if layers is None or isinstance(layers, int) else layers) if not -depth <= i < depth]
+    if isinstance(layers, int) and not 0 < layers <= depth:
+        bad = [layers]
+    if bad:
+        arch = model.pretrained_cfg.get("architecture", type(model).__name__)
+        raise RetrofitError(f"layer {bad[0]} does not exist: {arch} has blocks 0..{depth - 1}.")
+
+
 def patch_features(
     model: nn.Module,
     images: torch.Tensor,
@@ -64,6 +74,7 @@ def patch_features(
     check_supported(model)
     if images.ndim != 4:
         raise RetrofitError(f"images must be a (B, C, H, W) tensor, got shape {tuple(images.shape)}.")
+    _check_layers(model, layers)
     b = images.shape[0]
     gh, gw = grid_size(model, *images.shape[-2:])
     with dynamic_input(model, images.shape[-2:]):

@@ -1,0 +1,17 @@
+"""Shared test fixtures: tiny timm ViTs and made-up images, no downloads."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def perturb_(model: torch.nn.Module, scale: float = 0.02) -> torch.nn.Module:
+    """Move every weight off its init so token / position-embedding bugs cannot hide behind zeros."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
