@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -27,7 +27,7 @@ def list_images(root: str | Path) -> list[Path]:
     return files
 
 
-def open_rgb(path: str | Path) -> Image.Image:
+def open_rgb(path: str | Path | IO[bytes]) -> Image.Image:
     """Decode an image fully as RGB; a missing, truncated or non-image file raises ``RetrofitError``."""
     try:
         with Image.open(path) as im:
@@ -46,11 +46,14 @@ def data_config(model: nn.Module) -> dict[str, Any]:
     }
 
 
-_INTERPOLATION = {
-    "bicubic": v2.InterpolationMode.BICUBIC,
-    "bilinear": v2.InterpolationMode.BILINEAR,
-    "nearest": v2.InterpolationMode.NEAREST,
-}
+TENSOR_INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "nearest-exact")  # what resize does on tensors
+
+
+def interpolation_mode(name: str) -> v2.InterpolationMode:
+    """torchvision's mode for a timm ``pretrained_cfg['interpolation']`` name."""
+    if name not in TENSOR_INTERPOLATIONS:
+        raise RetrofitError(f"unknown interpolation {name!r}: use {', '.join(TENSOR_INTERPOLATIONS)}.")
+    return v2.InterpolationMode(name)
 
 
 def eval_transform(
@@ -63,8 +66,7 @@ def eval_transform(
     size = (size, size) if isinstance(size, int) else tuple(size)
     return v2.Compose([
         v2.ToImage(),
-        v2.Resize(min(size), interpolation=_INTERPOLATION.get(interpolation, v2.InterpolationMode.BICUBIC),
-                  antialias=True),
+        v2.Resize(min(size), interpolation=interpolation_mode(interpolation), antialias=True),
         v2.CenterCrop(size),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(mean), std=list(std)),

@@ -1,0 +1,556 @@
+"""RetrofitDataModule: unlabeled images for self-distillation, from a folder, a HF dataset or a tensor.
+
+Every batch is ``{"image": (B, 3, S + 2mp, S + 2mp) normalised, "key": [B stable names]}``: the student
+sees the centre S x S window, the teacher draws its shifted views from the margin of m patches around
+it (CONTRIBUTING.md). Unreadable images never stop a run: they are replaced by other images of the
+data set (map-style) or dropped from the stream, counted in the main process and reported at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import lightning as L
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from .errors import RetrofitError
+from .features import patch_size as model_patch_size
+from .images import data_config, interpolation_mode, list_images, open_rgb
+
+log = logging.getLogger(__name__)
+
+IMAGEFOLDER_PREFIX = "imagefolder:"
+HUB_PREFIX = "hf:"
+_TENSOR_SOURCE = "<tensor>"  # set by RetrofitDataModule.from_tensor only
+MAX_REPLACEMENTS = 16  # unreadable images in a row before a map-style item gives up
+STREAM_SHUFFLE_BUFFER = 1000
+SHOWN_PATHS = 5  # unreadable images named in the final report
+_DEFAULTS = data_config(nn.Identity())  # ImageNet mean/std until configure_for names the backbone's
+
+Item = dict[str, Any]
+
+
+def _item_seed(*parts: object) -> int:
+    """A 63-bit seed from (seed, pass, index, ...): independent of workers and the global RNG."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@dataclass(frozen=True)
+class CropTransform:
+    """Resize the short side to ``resize``, crop an (S + 2 margin)-pixel square, normalise.
+
+    ``uint8`` images are pixels and get normalised; float images are taken as already normalised.
+    The crop position is drawn from the generator it is given, so it is reproducible per item.
+    """
+
+    size: int
+    margin: int
+    resize: int
+    random: bool
+    interpolation: v2.InterpolationMode
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def crop(self) -> int:
+        return self.size + 2 * self.margin
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        image = TF.resize(image, [self.resize], interpolation=self.interpolation, antialias=True)
+        (top, left), c = self._corner(*image.shape[-2:], generator), self.crop
+        image = image[..., top : top + c, left : left + c]
+        if image.dtype == torch.uint8:
+            return TF.normalize(TF.to_dtype(image, torch.float32, scale=True), list(self.mean), list(self.std))
+        return image.float().contiguous()
+
+    def _corner(self, height: int, width: int, generator: torch.Generator) -> tuple[int, int]:
+        if not self.random:  # torchvision's CenterCrop rounding, so margin 0 equals images.eval_transform
+            return round((height - self.crop) / 2), round((width - self.crop) / 2)
+        top, left = (int(torch.randint(n - self.crop + 1, (1,), generator=generator)) for n in (height, width))
+        return top, left
+
+
+class _PathReader:
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = paths
+
+    def __call__(self, index: int) -> torch.Tensor:
+        return TF.pil_to_tensor(open_rgb(self.paths[index]))
+
+
+def _decode(value: Any) -> torch.Tensor:
+    """A HF image cell as uint8 pixels: undecoded {bytes, path}, a file path, or a PIL image."""
+    if isinstance(value, dict) and value.get("bytes"):
+        return TF.pil_to_tensor(open_rgb(io.BytesIO(value["bytes"])))
+    if isinstance(value, dict) and value.get("path"):
+        value = value["path"]
+    if isinstance(value, (str, Path)):
+        return TF.pil_to_tensor(open_rgb(value))
+    if isinstance(value, Image.Image):
+        return TF.pil_to_tensor(value.convert("RGB"))
+    raise RetrofitError(f"image cell of type {type(value).__name__} is neither an image nor a path.")
+
+
+class _HFReader:
+    def __init__(self, dataset: datasets.Dataset, column: str) -> None:
+        self.dataset, self.column = dataset, column
+
+    def __call__(self, index: int) -> torch.Tensor:
+        return _decode(self.dataset[index][self.column])
+
+
+class _TensorReader:
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __call__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+def _reason(error: RetrofitError) -> str:
+    return type(error.__cause__).__name__ if error.__cause__ is not None else str(error)
+
+
+class ImageDataset(Dataset):
+    """Map-style images with stable keys; an unreadable image is swapped for a seeded random other one."""
+
+    def __init__(self, keys: Sequence[str], reader: Callable[[int], torch.Tensor], transform: CropTransform,
+                 seed: int) -> None:
+        self.keys, self.reader, self.transform, self.seed = keys, reader, transform, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> Item:
+        generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
+        skipped = []
+        for _ in range(MAX_REPLACEMENTS):
+            try:
+                image = self.reader(index)
+            except RetrofitError as e:
+                skipped.append((self.keys[index], _reason(e)))
+                index = int(torch.randint(len(self), (1,), generator=generator))
+                continue
+            return {"image": self.transform(image, generator), "key": self.keys[index], "skipped": skipped}
+        raise RetrofitError(
+            f"{MAX_REPLACEMENTS} images in a row could not be read (e.g. {skipped[0][0]}): "
+            "most of the data set is unreadable, check the source."
+        )
+
+
+class StreamDataset(IterableDataset):
+    """A streamed HF dataset: unreadable images are dropped from the stream and passed on as skipped."""
+
+    def __init__(self, dataset: datasets.IterableDataset, column: str, key_column: str | None, prefix: str,
+                 transform: CropTransform, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.dataset, self.column, self.key_column, self.prefix = dataset, column, key_column, prefix
+        self.transform, self.seed, self.rank, self.world_size = transform, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Item]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        stride, offset = self.world_size * workers, self.rank * workers + worker
+        skipped: list[tuple[str, str]] = []
+        for n, row in enumerate(self.dataset):  # HF splits shards over the loader's workers itself
+            index = n * stride + offset  # unique over ranks and workers
+            key = self._key(row, index)
+            try:
+                image = _decode(row[self.column])
+            except RetrofitError as e:
+                skipped.append((key, _reason(e)))
+                continue
+            generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
+            yield {"image": self.transform(image, generator), "key": key, "skipped": skipped}
+            skipped = []
+        if skipped:  # a marker, so the trailing unreadable images are still counted
+            yield {"image": None, "key": None, "skipped": skipped}
+
+    def _key(self, row: dict[str, Any], index: int) -> str:
+        """The id column, else the image's file name if the stream carries one, else its stream position."""
+        if self.key_column:
+            return str(row[self.key_column])
+        cell = row[self.column]
+        path = cell.get("path") if isinstance(cell, dict) else cell if isinstance(cell, str) else None
+        return f"{self.prefix}:{path or index}"
+
+
+def collate(items: list[Item]) -> Item:
+    """Stack the readable items; the skipped (key, reason) pairs ride along for the main process."""
+    good = [it for it in items if it["image"] is not None]
+    return {
+        "image": torch.stack([it["image"] for it in good]) if good else None,
+        "key": [it["key"] for it in good],
+        "skipped": [pair for it in items for pair in it["skipped"]],
+    }
+
+
+class SkipLog:
+    """Unreadable images seen by the main process, by key (an image bad in every epoch counts once)."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.reasons)
+
+    def summary(self) -> str:
+        shown = ", ".join(list(self.reasons)[:SHOWN_PATHS]) + (", ..." if len(self) > SHOWN_PATHS else "")
+        return f"skipped {len(self)} unreadable image(s): {shown}. Remove or replace them."
+
+
+class SkippingLoader(DataLoader):
+    """A DataLoader that moves the skipped keys of each batch into ``skips`` in the main process.
+
+    Batches arrive with exactly the keys of the batch contract; one that has no readable image left
+    (only possible at the end of a stream) is not yielded. Each pass sets the dataset's epoch, so
+    random crops differ between epochs yet repeat for the same seed.
+    """
+
+    def __init__(self, dataset: Dataset, skips: SkipLog, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.skips = skips
+        self.passes = 0
+
+    def __iter__(self) -> Iterator[Item]:
+        self.dataset.set_epoch(self.passes)
+        self.passes += 1
+        for batch in super().__iter__():
+            self.skips.reasons.update(batch.pop("skipped"))
+            if batch["image"] is not None:
+                yield batch
+
+
+def _nearest_sizes(size: int, patch: int) -> str:
+    """The valid sizes either side of ``size``, for the error message."""
+    below, above = size // patch * patch, math.ceil(size / patch) * patch
+    return " or ".join(str(s) for s in dict.fromkeys((below, above)) if s > 0)
+
+
+def _check_columns(dataset: datasets.Dataset | datasets.IterableDataset, *columns: str | None) -> None:
+    names = dataset.column_names
+    for column in columns:
+        if column is not None and names is not None and column not in names:
+            raise RetrofitError(f"column {column!r} is not in the dataset: pick one of {', '.join(names)}.")
+
+
+def _undecoded(
+    dataset: datasets.Dataset | datasets.IterableDataset, column: str
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Read image bytes without HF decoding them, so a corrupt image fails in our hands, per item."""
+    feature = (dataset.features or {}).get(column)
+    return dataset.cast_column(column, datasets.Image(decode=False)) if isinstance(feature, datasets.Image) else dataset
+
+
+class RetrofitDataModule(L.LightningDataModule):
+    """Unlabeled training images for retrofitting, cropped with a teacher margin and normalised.
+
+    Args:
+        source: where the images are. A local folder (searched recursively for .jpg .jpeg .png .webp
+            .bmp .tif .tiff; keys are paths relative to it), a folder written by HF
+            ``Dataset.save_to_disk``, ``imagefolder:DIR`` (HF's imagefolder loader), or ``hf:NAME``
+            for a Hugging Face hub dataset. HF keys are ``"<name>:<split>:<index>"`` unless
+            ``key_column`` is set.
+        img_size: training resolution S of the student's square window; must divide by the patch size.
+        batch_size: images per batch (per device).
+        num_workers: DataLoader worker processes; 0 reads in the main process.
+        split: dataset split for HF sources (ignored for folders).
+        image_column: HF column that holds the images (or file paths).
+        key_column: HF column with a stable id per image, used as the key. Streams without it use the
+            image's file name when the data carries one, else the position in the (shuffled) stream:
+            unique, but not stable across epochs, so set it for streams that feed the target cache.
+        streaming: stream the HF dataset (an IterableDataset; split over DDP ranks by shards or examples).
+        max_images: use only the first N images (None: all).
+        random_crop: random crop position; False gives the deterministic resize + centre crop that the
+            target cache needs.
+        crop_pct: fraction of the resized short side that the student's S-pixel window spans (timm's
+            crop_pct); below 1 the crops show a random part of each image. The short side is never
+            resized below the full crop S + 2mp.
+        shuffle: reshuffle the order every epoch; False keeps the source order.
+        seed: seeds the order and every crop: the same seed gives the same batches.
+        mean: normalisation mean; default from the backbone's pretrained_cfg (via configure_for).
+        std: normalisation std; default from the backbone's pretrained_cfg.
+        interpolation: "bicubic", "bilinear", "nearest" or "nearest-exact"; default from the backbone's
+            pretrained_cfg.
+        patch_size: the backbone's patch size p; default from the model given to configure_for.
+        margin: margin m in patches around the student's window (real pixels for the teacher's shifted
+            views). ``configure_for(model, margin_patches)`` replaces it with what the module needs.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        img_size: int = 224,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        split: str = "train",
+        image_column: str = "image",
+        key_column: str | None = None,
+        streaming: bool = False,
+        max_images: int | None = None,
+        random_crop: bool = True,
+        crop_pct: float = 1.0,
+        shuffle: bool = True,
+        seed: int = 0,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        interpolation: str | None = None,
+        patch_size: int | None = None,
+        margin: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.source, self.img_size, self.batch_size, self.num_workers = source, img_size, batch_size, num_workers
+        self.split, self.image_column, self.key_column = split, image_column, key_column
+        self.streaming, self.max_images, self.random_crop, self.crop_pct = streaming, max_images, random_crop, crop_pct
+        self.shuffle, self.seed, self.margin = shuffle, seed, margin
+        self.mean, self.std, self.interpolation, self.patch_size = mean, std, interpolation, patch_size
+        self.skips = SkipLog()
+        self._tensor: torch.Tensor | None = None
+        self._reader: Callable[[int], torch.Tensor] | datasets.IterableDataset | None = None
+        self._keys: list[str] = []
+        self._prefix = ""  # "<name>:<split>" of a stream
+        self._check_settings()
+        self._check_source()
+
+    @classmethod
+    def from_tensor(cls, images: torch.Tensor, **kwargs: Any) -> RetrofitDataModule:
+        """Images already in memory, (N, 3, H, W) and normalised for the backbone; keys are ``tensor:<i>``."""
+        if not (isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] == 3
+                and images.is_floating_point()):
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise RetrofitError(f"images must be a float (N, 3, H, W) tensor, got {shape}: normalise and stack them.")
+        if len(images) == 0:
+            raise RetrofitError("the image tensor is empty: pass at least one image.")
+        dm = cls(source=_TENSOR_SOURCE, **kwargs)
+        dm._tensor = images.detach().cpu()
+        return dm
+
+    # ---- settings ---------------------------------------------------------------------------------
+
+    def _check_settings(self) -> None:
+        positive = {"img_size": self.img_size, "batch_size": self.batch_size}
+        for name, value in positive.items():
+            if value < 1:
+                raise RetrofitError(f"{name} must be a positive integer, got {value}.")
+        if self.num_workers < 0 or self.margin < 0:
+            raise RetrofitError("num_workers and margin must be >= 0.")
+        if self.max_images is not None and self.max_images < 1:
+            raise RetrofitError(f"max_images must be >= 1 or None, got {self.max_images}.")
+        if not 0 < self.crop_pct <= 1:
+            raise RetrofitError(f"crop_pct must be in (0, 1], got {self.crop_pct}.")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if values is not None and len(values) != 3:
+                raise RetrofitError(f"{name} needs 3 values (R, G, B), got {list(values)}.")
+        if self.std is not None and min(self.std) <= 0:
+            raise RetrofitError(f"std must be positive, got {list(self.std)}.")
+        if self.interpolation is not None:
+            interpolation_mode(self.interpolation)
+        if self.patch_size is not None:
+            self._check_img_size(self.patch_size)
+
+    def _check_img_size(self, patch: int) -> None:
+        if self.img_size % patch:
+            raise RetrofitError(
+                f"img_size {self.img_size} is not divisible by the patch size {patch}: "
+                f"use {_nearest_sizes(self.img_size, patch)}."
+            )
+
+
+    def _check_source(self) -> None:
+        if self.source == _TENSOR_SOURCE or self.source.startswith(HUB_PREFIX):
+            return
+        path = Path(self.source.removeprefix(IMAGEFOLDER_PREFIX))
+        if not path.is_dir():
+            raise RetrofitError(
+                f"image source {str(path)!r} is not an existing folder: pass a directory of images "
+                f"(or {HUB_PREFIX}NAME for a Hugging Face hub dataset)."
+            )
+
+    def configure_for(self, model: nn.Module, margin_patches: int | None = None) -> None:
+        """Take patch size, mean, std and interpolation from ``model`` (unless set explicitly) and the margin.
+
+        The training module calls this in its ``setup``, before any dataloader is built.
+        """
+        cfg = data_config(model)
+        patch_h, patch_w = model_patch_size(model)
+        if patch_h != patch_w:
+            raise RetrofitError(f"patch size {patch_h}x{patch_w} is not square: retrofit trains square crops only.")
+        self.patch_size = self.hparams.patch_size or patch_h
+        self.mean = self.hparams.mean or cfg["mean"]
+        self.std = self.hparams.std or cfg["std"]
+        self.interpolation = self.hparams.interpolation or cfg["interpolation"]
+        if margin_patches is not None:
+            self.margin = margin_patches
+        self._check_settings()
+
+    def transform(self) -> CropTransform:
+        """The crop-and-normalise step for the current settings (built late: configure_for may change them)."""
+        if self.patch_size is None:
+            raise RetrofitError("patch size unknown: call configure_for(model) first or pass patch_size.")
+        self._check_img_size(self.patch_size)
+        margin = self.margin * self.patch_size
+        crop = self.img_size + 2 * margin
+        return CropTransform(
+            size=self.img_size,
+            margin=margin,
+            resize=max(round(self.img_size / self.crop_pct), crop),
+            random=self.random_crop,
+            interpolation=interpolation_mode(self.interpolation or "bicubic"),
+            mean=tuple(self.mean or _DEFAULTS["mean"]),
+            std=tuple(self.std or _DEFAULTS["std"]),
+        )
+
+    # ---- sources ----------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        """Index the source once: list the folder, or open the HF dataset and check its columns."""
+        if self._reader is not None:
+            return
+        if self._tensor is not None:
+            self._keys = [f"tensor:{i}" for i in range(len(self._tensor))][: self.max_images]
+            self._reader = _TensorReader(self._tensor)
+        elif self.source == _TENSOR_SOURCE:
+            raise RetrofitError("no image tensor given: build the data module with RetrofitDataModule.from_tensor.")
+        elif self.source.startswith((HUB_PREFIX, IMAGEFOLDER_PREFIX)) or _is_saved_dataset(self.source):
+            self._setup_hf()
+        else:
+            root = Path(self.source)
+            paths = list_images(root)[: self.max_images]
+            self._keys = [p.relative_to(root).as_posix() for p in paths]
+            self._reader = _PathReader(paths)
+
+    def _setup_hf(self) -> None:
+        dataset, name = self._load_hf()
+        _check_columns(dataset, self.image_column, self.key_column)
+        dataset = _undecoded(dataset.select_columns([c for c in (self.image_column, self.key_column) if c]),
+                             self.image_column)
+        prefix = f"{name}:{self.split}"
+        if self.streaming:
+            if isinstance(dataset, datasets.Dataset):
+                dataset = dataset.to_iterable_dataset()
+            self._reader = dataset.take(self.max_images) if self.max_images else dataset
+            self._prefix = prefix
+            return
+        if len(dataset) == 0:
+            raise RetrofitError(f"dataset {name} split {self.split!r} is empty: pick another split or source.")
+        dataset = dataset.select(range(min(len(dataset), self.max_images or len(dataset))))
+        self._keys = ([str(k) for k in dataset[self.key_column]] if self.key_column
+                      else [f"{prefix}:{i}" for i in range(len(dataset))])
+        self._reader = _HFReader(dataset, self.image_column)
+
+    def _load_hf(self) -> tuple[datasets.Dataset | datasets.IterableDataset, str]:
+        """The split as a HF dataset and a short stable name for keys (folder or hub name)."""
+        if self.source.startswith(HUB_PREFIX):
+            name = self.source.removeprefix(HUB_PREFIX)
+            try:
+                return datasets.load_dataset(name, split=self.split, streaming=self.streaming), name
+            except Exception as e:  # hub, network and builder errors all mean: this spec cannot be loaded
+                raise RetrofitError(
+                    f"cannot load Hugging Face dataset {name!r} split {self.split!r} ({type(e).__name__}): "
+                    "check the name and split, or pass a local folder."
+                ) from e
+        if self.source.startswith(IMAGEFOLDER_PREFIX):
+            folder = Path(self.source.removeprefix(IMAGEFOLDER_PREFIX))
+            try:
+                dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split=self.split,
+                                                streaming=self.streaming)
+            except (ValueError, FileNotFoundError) as e:
+                raise RetrofitError(f"imagefolder {folder} has no split {self.split!r} or no images ({e}).") from e
+            return dataset, folder.name
+        loaded = datasets.load_from_disk(self.source)
+        if isinstance(loaded, datasets.DatasetDict):
+            if self.split not in loaded:
+                raise RetrofitError(f"split {self.split!r} is not in {self.source}: pick one of {', '.join(loaded)}.")
+            loaded = loaded[self.split]
+        return loaded, Path(self.source).name
+
+    # ---- loading ----------------------------------------------------------------------------------
+
+    def dataset(self) -> ImageDataset | StreamDataset:
+        """The training dataset with the current crop settings."""
+        self.setup()
+        if isinstance(self._reader, datasets.IterableDataset):
+            return self._stream(self._reader)
+        return ImageDataset(self._keys, self._reader, self.transform(), self.seed)
+
+    def _stream(self, dataset: datasets.IterableDataset) -> StreamDataset:
+        rank, world = _rank_and_world(self.trainer)
+        if self.shuffle:
+            dataset = dataset.shuffle(seed=self.seed, buffer_size=STREAM_SHUFFLE_BUFFER)
+        if world > 1:
+            dataset = datasets.distributed.split_dataset_by_node(dataset, rank=rank, world_size=world)
+        return StreamDataset(dataset, self.image_column, self.key_column, self._prefix, self.transform(),
+                             self.seed, rank, world)
+
+    def train_dataloader(self) -> SkippingLoader:
+        """Batches per the contract; with DDP, Lightning swaps in its distributed sampler (map-style)."""
+        data = self.dataset()
+        mapped = isinstance(data, ImageDataset)
+        return SkippingLoader(
+            data,
+            self.skips,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle and mapped,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.seed) if mapped else None,
+            persistent_workers=False,  # workers must see each pass's epoch for fresh crops
+        )
+
+    @property
+    def num_skipped(self) -> int:
+        """How many distinct unreadable images were skipped so far (in this process)."""
+        return len(self.skips)
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Unreadable images so far: key -> reason."""
+        return dict(self.skips.reasons)
+
+    def report(self) -> str | None:
+        """Log and return the one-line summary of unreadable images, or None when there were none."""
+        if not len(self.skips):
+            return None
+        line = self.skips.summary()
+        log.warning(line)
+        return line
+
+    def teardown(self, stage: str) -> None:
+        self.report()
+
+
+def _is_saved_dataset(source: str) -> bool:
+    """A folder written by HF save_to_disk (a Dataset or a DatasetDict)."""
+    path = Path(source)
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _rank_and_world(trainer: L.Trainer | None) -> tuple[int, int]:
+    if trainer is not None:
+        return trainer.global_rank, trainer.world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
