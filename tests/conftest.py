@@ -15,3 +15,12 @@ def perturb_(model: torch.nn.Module, scale: float = 0.02) -> torch.nn.Module:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * scale)
     return model
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread beats two that contend for a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
