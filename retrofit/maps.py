@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .errors import RetrofitError
 from .features import forward_tokens, grid_size, patch_features
 from .images import data_config
-from .metrics import outlier_mask, quantile, token_norms
+from .metrics import outlier_cuts, outlier_mask, quantile, token_norms
 from .surgery import check_supported, has_class_token
 
 ATTENTION_CLASSES: tuple[type[nn.Module], ...] = (Attention, AttentionRope, EvaAttention)
@@ -153,6 +153,8 @@ class ImageMaps:
     """(H, W) L2 norm of the final patch tokens."""
     outliers: Tensor
     """(H, W) bool: high-norm outliers by :func:`retrofit.metrics.outlier_mask`."""
+    cut: float
+    """The norm above which a token is a high-norm outlier in this image."""
     pca: Tensor
     """(H, W, 3) first three principal components as RGB."""
     attention: Tensor | None
@@ -166,8 +168,9 @@ def compute_maps(model: nn.Module, images: Tensor, k: float = 3.0, threshold: fl
         features = patch_features(model, images)
         attention = cls_attention(model, images).cpu() if has_class_token(model) else None
     norms, outliers, pca = token_norms(features).cpu(), outlier_mask(features, k, threshold).cpu(), pca_rgb(features)
+    cuts, _ = outlier_cuts(norms.flatten(1), k, threshold)
     return [
-        ImageMaps(norms[i], outliers[i], pca[i].cpu(), None if attention is None else attention[i])
+        ImageMaps(norms[i], outliers[i], cuts[i].item(), pca[i].cpu(), None if attention is None else attention[i])
         for i in range(len(images))
     ]
 
@@ -202,12 +205,14 @@ def _norm_panel(fig: Figure, ax: Axes, maps: ImageMaps, vmax: float) -> None:
     ax.scatter(xs, ys, s=60, facecolors="none", edgecolors="cyan", linewidths=1.2)
     plural = "" if len(xs) == 1 else "s"
     ax.set_title(f"patch norm: max/median {ratio:.1f}\n{len(xs)} high-norm outlier{plural}", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    colorbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    colorbar.ax.axhline(maps.cut, color="cyan", linewidth=1.5)  # the outlier cut
 
 
 def _attention_panel(fig: Figure, ax: Axes, maps: ImageMaps) -> None:
     if maps.attention is None:
-        ax.text(0.5, 0.5, NO_CLS_NOTE.replace(", ", ",\n"), ha="center", va="center", fontsize=9, transform=ax.transAxes)
+        note = NO_CLS_NOTE.replace(", ", ",\n")
+        ax.text(0.5, 0.5, note, ha="center", va="center", fontsize=9, transform=ax.transAxes)
         ax.set_title("CLS attention", fontsize=9)
         return
     im = ax.imshow(maps.attention.mean(dim=0).numpy(), cmap="viridis")
@@ -216,14 +221,15 @@ def _attention_panel(fig: Figure, ax: Axes, maps: ImageMaps) -> None:
 
 
 def plot_maps(rows: Sequence[MapRow]) -> Figure:
-    """One row per (model, image): input, norm map (shared scale, outliers circled), CLS attention, PCA.
+    """One row per (model, image): input, norm map (outliers circled), CLS attention, PCA.
 
-    The norm colour scale is shared by all rows so that artifacts that went away look dark, not rescaled.
+    The norm colour scale is shared by all rows and reaches at least the outlier cut (a cyan line on
+    the colour bar), so artifacts that went away look dark instead of being rescaled into view.
     """
-    vmax = max(maps.norms.max().item() for _, _, maps in rows)
+    vmax = max(max(maps.norms.max().item(), maps.cut) for _, _, maps in rows)
     fig = Figure(figsize=(12, 3.1 * len(rows)))
     axes = fig.subplots(len(rows), 4, squeeze=False, gridspec_kw=_spacing(len(rows), 3.1))
-    for (label, rgb, maps), (ax_img, ax_norm, ax_attn, ax_pca) in zip(rows, axes):
+    for (label, rgb, maps), (ax_img, ax_norm, ax_attn, ax_pca) in zip(rows, axes, strict=True):
         ax_img.imshow(rgb.numpy())
         ax_img.set_ylabel(label, fontsize=10)
         ax_img.set_title("input", fontsize=9)
@@ -244,7 +250,7 @@ def plot_heads(rows: Sequence[MapRow]) -> Figure | None:
     heads = max(len(maps.attention) for _, _, maps in rows)
     fig = Figure(figsize=(1.8 * heads + 0.4, 2.1 * len(rows)))
     axes = fig.subplots(len(rows), heads, squeeze=False, gridspec_kw=_spacing(len(rows), 2.1))
-    for (label, _, maps), row_axes in zip(rows, axes):
+    for (label, _, maps), row_axes in zip(rows, axes, strict=True):
         row_axes[0].set_ylabel(label, fontsize=9)
         for h, ax in enumerate(row_axes):
             _hide_ticks(ax)

@@ -46,20 +46,28 @@ def quantile(values: Tensor, q: float, dim: int = -1) -> Tensor:
     return torch.lerp(ordered.select(dim, lo), ordered.select(dim, hi), pos - lo)
 
 
-def norm_outliers(
-    norms: Tensor, k: float = 3.0, threshold: float | None = None, low: bool = False, valid: Tensor | None = None
-) -> Tensor:
-    """Outlier flags for token norms (..., N), each row one image: the rule behind :func:`outlier_mask`.
+def outlier_cuts(
+    norms: Tensor, k: float = 3.0, threshold: float | None = None, valid: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-row norm cuts (..., 1) for token norms (..., N), each row one image: (high, low).
 
-    The median is taken per row over the ``valid`` tokens (all when None; e.g. leave out fill tokens).
+    A token above ``high`` (k x the row median, or ``threshold`` when given) or below ``low``
+    (median / k) is an outlier. The median is over the ``valid`` tokens (all when None).
     """
     if k <= 1:
         raise RetrofitError(f"outlier factor k must be > 1 (a token k times the median norm), got {k}.")
-    if threshold is not None and not low:
-        return norms > threshold
     ref = norms if valid is None else norms.masked_fill(~valid, float("nan"))
     median = ref.nanmedian(dim=-1, keepdim=True).values
-    return norms < median / k if low else norms > k * median
+    high = k * median if threshold is None else torch.full_like(median, threshold)
+    return high, median / k
+
+
+def norm_outliers(
+    norms: Tensor, k: float = 3.0, threshold: float | None = None, low: bool = False, valid: Tensor | None = None
+) -> Tensor:
+    """Outlier flags for token norms (..., N) by :func:`outlier_cuts`: the rule behind :func:`outlier_mask`."""
+    high, low_cut = outlier_cuts(norms, k, threshold, valid)
+    return norms < low_cut if low else norms > high
 
 
 def outlier_mask(grid: Tensor, k: float = 3.0, threshold: float | None = None, low: bool = False) -> Tensor:

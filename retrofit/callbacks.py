@@ -1,0 +1,321 @@
+"""Lightning callbacks that watch artifacts during any Trainer run and export the retrofitted model.
+
+They read the LightningModule by attribute (``student``, ``teacher``, ``targets``, ``margin``,
+``export_model()``: the names :class:`retrofit.module.RetrofitModule` uses), so they work on a
+user's own module that follows the same names. A probe batch is fixed for the whole run: the
+given images (what the student sees), or the first training batch (``batch["image"]``, with
+the module's ``margin`` patches of teacher context around the student's window).
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from .errors import RetrofitError
+from .export import export
+from .features import patch_features, patch_size
+from .maps import compute_maps, display_rgb, figure_array, inference, plot_maps, save_figure
+from .metrics import FeatureFidelity, OutlierFraction, PatchNormStats
+from .targets import crop_center
+
+
+def timm_model(model: nn.Module) -> nn.Module:
+    """The timm ViT inside a peft wrapper (LoRA adapters stay active), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _batch_images(batch: Any, key: str) -> Tensor:
+    if isinstance(batch, Mapping) and key in batch:
+        return batch[key]
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, Sequence) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    raise RetrofitError(
+        f"cannot find images in a training batch of type {type(batch).__name__}: pass probe_images=... "
+        f"or image_key naming the images in a dict batch."
+    )
+
+
+class _ProbeCallback(L.Callback, ABC):
+    """Runs :meth:`evaluate` on a fixed probe batch before training and every ``every_n_steps`` steps."""
+
+    def __init__(
+        self, probe_images: Tensor | None, every_n_steps: int, model_attr: str, image_key: str
+    ) -> None:
+        if every_n_steps < 1:
+            raise RetrofitError(f"every_n_steps must be >= 1, got {every_n_steps}.")
+        self.probe_images, self.every_n_steps = probe_images, every_n_steps
+        self.model_attr, self.image_key = model_attr, image_key
+        self.probe: Tensor | None = None
+        self.margin = 0  # patches around the student's window in ``probe``
+        self._last_step = -1
+
+    def model(self, pl_module: L.LightningModule) -> nn.Module:
+        model = getattr(pl_module, self.model_attr, None)
+        if not isinstance(model, nn.Module):
+            raise RetrofitError(
+                f"{type(pl_module).__name__} has no model attribute {self.model_attr!r}: pass model_attr=..."
+            )
+        return timm_model(model)
+
+    def student_view(self, pl_module: L.LightningModule) -> Tensor:
+        """The probe as the student sees it: without the teacher's margin."""
+        return crop_center(self.probe, self.margin * patch_size(self.model(pl_module))[0])
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.probe is not None:
+            return
+        if self.probe_images is None:
+            self.probe = _batch_images(batch, self.image_key).detach().clone()
+            self.margin = int(getattr(pl_module, "margin", 0))
+        else:
+            self.probe = self.probe_images.to(pl_module.device)
+        self._run(trainer, pl_module)  # the baseline, before the first update
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self._run(trainer, pl_module)
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == self._last_step:  # gradient accumulation: several batches per step
+            return
+        self._last_step = trainer.global_step
+        self.evaluate(trainer, pl_module)
+
+    @abstractmethod
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Measure or draw the model on the probe batch (runs on every rank)."""
+
+
+class ArtifactMonitor(_ProbeCallback):
+    """Logs outlier fractions, norm statistics and fidelity of the model's patch features on a probe batch.
+
+    Fidelity is the patch cosine to the module's denoised targets (``pl_module.targets(probe, margin)
+    .features``, computed once, without moving the targets' random views) when it has ``targets``,
+    else to the reference model's (``reference_attr``) features. Keys are ``<prefix>/outlier_high``,
+    ``outlier_low``, ``norm_median``, ``norm_p99``, ``norm_max``, ``fidelity_mean``, ``fidelity_p5``;
+    every evaluation is also kept in :attr:`history`. With ``stop_outlier_fraction`` and/or
+    ``stop_fidelity`` the run stops (``trainer.should_stop``) at the first evaluation after a training
+    step where the high-norm fraction is <= the one and the mean fidelity >= the other.
+    """
+
+    def __init__(
+        self,
+        probe_images: Tensor | None = None,
+        every_n_steps: int = 50,
+        k: float = 3.0,
+        threshold: float | None = None,
+        stop_outlier_fraction: float | None = None,
+        stop_fidelity: float | None = None,
+        model_attr: str = "student",
+        reference_attr: str = "teacher",
+        image_key: str = "image",
+        prefix: str = "artifacts",
+    ) -> None:
+        super().__init__(probe_images, every_n_steps, model_attr, image_key)
+        self.k, self.threshold = k, threshold
+        self.stop_outlier_fraction, self.stop_fidelity = stop_outlier_fraction, stop_fidelity
+        self.reference_attr, self.prefix = reference_attr, prefix
+        self.reference: Tensor | None = None
+        self.history: list[dict[str, float]] = []
+
+    def _reference(self, pl_module: L.LightningModule) -> Tensor | None:
+        targets = getattr(pl_module, "targets", None)
+        if targets is not None:
+            state = targets.get_rng_state() if hasattr(targets, "get_rng_state") else None
+            features = targets(self.probe, self.margin).features
+            if state is not None:  # the training run's views must not depend on this callback
+                targets.set_rng_state(state)
+            return features
+        reference = getattr(pl_module, self.reference_attr, None)
+        if reference is None:
+            if self.stop_fidelity is not None:
+                raise RetrofitError(
+                    f"stop_fidelity needs reference features but the module has neither .targets nor "
+                    f".{self.reference_attr}: pass reference_attr=... or drop stop_fidelity."
+                )
+            return None
+        reference = timm_model(reference)
+        with inference(reference):
+            return patch_features(reference, self.student_view(pl_module))
+
+    def measure(self, pl_module: L.LightningModule) -> dict[str, float]:
+        """The monitored values for the current model on the probe batch."""
+        model = self.model(pl_module)
+        with inference(model):
+            features = patch_features(model, self.student_view(pl_module))
+        if self.reference is None:
+            self.reference = self._reference(pl_module)
+        outliers = OutlierFraction(self.k, self.threshold).to(features.device)
+        norms = PatchNormStats().to(features.device)
+        values = {f"outlier_{k}": v for k, v in outliers(features).items()}
+        values |= {f"norm_{k}": v for k, v in norms(features).items()}
+        if self.reference is not None:
+            fidelity = FeatureFidelity().to(features.device)
+            values |= {f"fidelity_{k}": v for k, v in fidelity(features, self.reference).items()}
+        return {name: value.item() for name, value in values.items()}
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        values = self.measure(pl_module)
+        self.history.append({"step": trainer.global_step, **values})
+        pl_module.log_dict({f"{self.prefix}/{k}": v for k, v in values.items()}, on_step=True, on_epoch=False,
+                           batch_size=len(self.probe))
+        if trainer.global_step > 0 and (self.stop_outlier_fraction is not None or self.stop_fidelity is not None):
+            # every rank evaluates here; all must agree to stop or DDP hangs
+            if trainer.strategy.reduce_boolean_decision(self._targets_met(values), all=True):
+                trainer.should_stop = True
+
+    def _targets_met(self, values: dict[str, float]) -> bool:
+        clean = self.stop_outlier_fraction is None or values["outlier_high"] <= self.stop_outlier_fraction
+        faithful = self.stop_fidelity is None or values["fidelity_mean"] >= self.stop_fidelity
+        return clean and faithful
+
+
+class NormMapLogger(_ProbeCallback):
+    """Figures of norm, CLS-attention and PCA maps of the probe images, one row per image, every N steps.
+
+    Loggers that take images get them (``WandbLogger.log_image``, ``TensorBoardLogger`` ``add_image``,
+    any logger with ``log_image(key, images, step)``). PNGs ``norm_maps_step<N>.png`` go to ``out_dir``
+    when given, and to ``<trainer.log_dir>/norm_maps`` when no logger takes images.
+    """
+
+    def __init__(
+        self,
+        probe_images: Tensor | None = None,
+        every_n_steps: int = 100,
+        out_dir: str | Path | None = None,
+        max_images: int = 4,
+        k: float = 3.0,
+        model_attr: str = "student",
+        image_key: str = "image",
+        tag: str = "norm_maps",
+    ) -> None:
+        super().__init__(probe_images, every_n_steps, model_attr, image_key)
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.max_images, self.k, self.tag = max_images, k, tag
+        self.written: list[Path] = []
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        out_dir = self.out_dir or Path(trainer.log_dir or trainer.default_root_dir) / "norm_maps"  # all ranks
+        if not trainer.is_global_zero:
+            return
+        model = self.model(pl_module)
+        images = self.student_view(pl_module)[: self.max_images]
+        rgb = display_rgb(images, model)
+        maps = compute_maps(model, images, self.k)
+        fig = plot_maps([(f"image {i}", rgb[i], m) for i, m in enumerate(maps)])
+        step = trainer.global_step
+        image = figure_array(fig)
+        sent = [_log_image(logger, self.tag, image, step) for logger in trainer.loggers]
+        if self.out_dir is not None or not any(sent):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.written.append(save_figure(fig, out_dir / f"{self.tag}_step{step:06d}.png"))
+
+
+def _log_image(logger: Any, tag: str, image: np.ndarray, step: int) -> bool:
+    """Send an (H, W, 3) uint8 image to a logger that takes images; False when it takes none."""
+    if callable(getattr(logger, "log_image", None)):
+        logger.log_image(key=tag, images=[image], step=step)
+        return True
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_image(tag, image, step, dataformats="HWC")
+        return True
+    return False
+
+
+class RegisterExport(L.Callback):
+    """Writes the timm-native export (:func:`retrofit.export`) at the end of fit, or on every improvement.
+
+    With ``monitor`` (a logged metric, checked at each train epoch end and validation end) the export
+    is replaced whenever the metric improves (``mode`` min or max); if it was never logged, the final
+    model is exported at fit end with a warning, so a run never ends without a model. The model is
+    ``pl_module.export_model()`` when the module has one (LoRA merged), else ``getattr(pl_module,
+    model_attr)`` (a peft model is merged on a copy). Only global rank 0 writes.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        monitor: str | None = None,
+        mode: Literal["min", "max"] = "min",
+        overwrite: bool = True,
+        model_attr: str = "student",
+    ) -> None:
+        if mode not in ("min", "max"):
+            raise RetrofitError(f"mode must be 'min' or 'max', got {mode!r}.")
+        self.out_dir, self.monitor, self.mode = Path(out_dir), monitor, mode
+        self.overwrite, self.model_attr = overwrite, model_attr
+        self.best_score: float | None = None
+        self.exported_step: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        """Several RegisterExports in one Trainer keep their best scores apart in checkpoints."""
+        return self._generate_state_key(out_dir=str(self.out_dir), monitor=self.monitor)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse an existing export before training, not after it."""
+        if stage == "fit" and not self.overwrite and self.out_dir.exists() and any(self.out_dir.iterdir()):
+            raise RetrofitError(f"{self.out_dir} already exists and is not empty: choose another out_dir or "
+                                "pass overwrite=True.")
+
+    def _model(self, pl_module: L.LightningModule) -> nn.Module:
+        if callable(getattr(pl_module, "export_model", None)):
+            return pl_module.export_model()
+        model = getattr(pl_module, self.model_attr, None)
+        if not isinstance(model, nn.Module):
+            raise RetrofitError(f"{type(pl_module).__name__} has neither export_model() nor .{self.model_attr}: "
+                                "pass model_attr=...")
+        return copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, **metadata: Any) -> None:
+        if trainer.is_global_zero:
+            export(self._model(pl_module), self.out_dir, overwrite=True, step=trainer.global_step, **metadata)
+        self.exported_step = trainer.global_step
+
+    def _improved(self, score: float) -> bool:
+        if self.best_score is None:
+            return True
+        return score < self.best_score if self.mode == "min" else score > self.best_score
+
+    def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.monitor is None or trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        score = float(trainer.callback_metrics[self.monitor])
+        if self._improved(score):
+            self.best_score = score
+            self._export(trainer, pl_module, monitor=self.monitor, score=score)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.monitor is not None and self.best_score is not None:
+            return
+        if self.monitor is not None:
+            rank_zero_warn(f"RegisterExport never saw metric {self.monitor!r}: exporting the final model.")
+        self._export(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_score": self.best_score}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_score = state_dict["best_score"]

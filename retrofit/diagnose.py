@@ -1,0 +1,226 @@
+"""diagnose: how many artifacts a model has, per layer, with figures a user can look at (before/after).
+
+The function takes loaded models and an image tensor and returns plain data (what the CLI prints and
+writes), so the CLI, notebooks and benchmarks all read the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+from torch import Tensor, nn
+
+from .errors import RetrofitError
+from .features import patch_features
+from .maps import (
+    NO_CLS_NOTE,
+    ImageMaps,
+    compute_maps,
+    display_rgb,
+    inference,
+    model_device,
+    plot_heads,
+    plot_maps,
+    save_figure,
+)
+from .metrics import OutlierFraction, PatchNormStats, PositionLeakage, outlier_mask, token_norms
+from .surgery import count_registers, has_class_token
+
+REPORT_NAME = "diagnose.json"
+
+
+def _check_inputs(images: Tensor, names: Sequence[str] | None, labels: Sequence[str], compare: nn.Module | None):
+    if not isinstance(images, Tensor) or images.ndim != 4 or not len(images):
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise RetrofitError(
+            f"images must be a non-empty (N, 3, H, W) tensor (see retrofit.images.load_images), got {shape}."
+        )
+    if names is not None and len(names) != len(images):
+        raise RetrofitError(f"got {len(names)} names for {len(images)} images: pass one name per image.")
+    if compare is not None and (len(labels) != 2 or labels[0] == labels[1]):
+        raise RetrofitError(f"labels must be two different names for model and compare, got {list(labels)}.")
+
+
+def _layer_indices(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
+    depth = len(model.blocks)
+    return list(range(depth)) if layers is None else [i + depth if i < 0 else i for i in layers]
+
+
+def _image_stats(name: str, grid: Tensor, k: float, threshold: float | None) -> dict[str, Any]:
+    norms = token_norms(grid[None])[0]
+    return {
+        "image": name,
+        "median_norm": norms.median().item(),
+        "max_norm": norms.max().item(),
+        "high": outlier_mask(grid[None], k, threshold).float().mean().item(),
+        "low": outlier_mask(grid[None], k, low=True).float().mean().item(),
+    }
+
+
+def _model_summary(
+    model: nn.Module, label: str, images: Tensor, names: Sequence[str], layers: list[int],
+    k: float, threshold: float | None, norm: bool, batch_size: int,
+) -> dict[str, Any]:
+    """Per-layer norm statistics and outlier fractions over all images, plus per-image numbers."""
+    device = model_device(model)
+    stats = PatchNormStats(layers=layers).to(device)
+    outliers = OutlierFraction(k, threshold, layers=layers).to(device)
+    leakage = PositionLeakage().to(device)
+    per_image = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].to(device)
+        with inference(model):
+            grids = patch_features(model, batch, layers=layers, norm=norm)
+        stats.update(grids)
+        outliers.update(grids)
+        leakage.update(grids[-1])
+        batch_names = names[start:start + len(batch)]
+        per_image += [_image_stats(n, g, k, threshold) for n, g in zip(batch_names, grids[-1], strict=True)]
+    values = {**stats.compute(), **outliers.compute()}
+    return {
+        "label": label,
+        "architecture": model.pretrained_cfg.get("architecture", type(model).__name__),
+        "num_registers": count_registers(model),
+        "class_token": has_class_token(model),
+        "cls_attention": f"last block, {model.blocks[-1].attn.num_heads} heads" if has_class_token(model)
+        else NO_CLS_NOTE,
+        "layers": [
+            {"layer": i, **{s: values[f"layer{i}/{s}"].item() for s in ("median", "p99", "max", "high", "low")}}
+            for i in layers
+        ],
+        "position_leakage": leakage.compute().item() if len(images) > 1 else None,
+        "images": per_image,
+    }
+
+
+def _file_stems(names: Sequence[str]) -> list[str]:
+    """Safe, unique, ordered file names: ``003_sub_dir_cat`` for image 3 named ``sub/dir/cat.jpg``."""
+    return [f"{i:03d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', str(Path(n).with_suffix('')))}" for i, n in enumerate(names)]
+
+
+def _as_list(t: Tensor | None) -> Any:
+    return None if t is None else t.float().round(decimals=4).tolist()
+
+
+def _figure_data(maps: ImageMaps) -> dict[str, Any]:
+    """What one figure row shows, as JSON lists (4 decimals)."""
+    return {
+        "norm": _as_list(maps.norms),
+        "high_norm_outlier": maps.outliers.tolist(),
+        "cls_attention": _as_list(None if maps.attention is None else maps.attention.mean(dim=0)),
+        "cls_attention_heads": _as_list(maps.attention),
+        "pca_rgb": _as_list(maps.pca),
+    }
+
+
+def _write_figures(
+    models: Sequence[tuple[str, nn.Module]], images: Tensor, names: Sequence[str], out_dir: Path,
+    k: float, threshold: float | None, batch_size: int,
+) -> list[dict[str, Any]]:
+    """One PNG per image (models side by side in rows) plus one of every head; returns the figures' data."""
+    entries = []
+    stems = _file_stems(names)
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        rgb = display_rgb(batch, models[0][1])
+        maps = {label: compute_maps(model, batch, k, threshold) for label, model in models}
+        batch_names, batch_stems = names[start:start + len(batch)], stems[start:start + len(batch)]
+        for i, (name, stem) in enumerate(zip(batch_names, batch_stems, strict=True)):
+            rows = [(label, rgb[i], maps[label][i]) for label, _ in models]
+            save_figure(plot_maps(rows), out_dir / f"{stem}.png")
+            heads = plot_heads(rows)
+            if heads is not None:
+                save_figure(heads, out_dir / f"{stem}_heads.png")
+            entries.append({
+                "image": name,
+                "png": f"{stem}.png",
+                "heads_png": None if heads is None else f"{stem}_heads.png",
+                "maps": {label: _figure_data(maps[label][i]) for label, _ in models},
+            })
+    return entries
+
+
+def write_json(data: Any, path: str | Path) -> Path:
+    """JSON through a temporary file and a rename: an existing report is replaced whole or not at all."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def diagnose(
+    model: nn.Module,
+    images: Tensor,
+    out_dir: str | Path | None = None,
+    compare: nn.Module | None = None,
+    k: float = 3.0,
+    layers: Sequence[int] | None = None,
+    names: Sequence[str] | None = None,
+    labels: Sequence[str] = ("model", "compare"),
+    threshold: float | None = None,
+    norm: bool = True,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Artifact report of ``model`` (and ``compare``, e.g. before/after) on normalised ``images`` (N, 3, H, W).
+
+    Per model and layer (all blocks by default; features after the final norm unless ``norm=False``):
+    median / p99 / max patch-token norm and the high- and low-norm outlier fractions (``k`` x the
+    image median, or above ``threshold``); per image the last layer's numbers; the position-leakage
+    R^2 of the last layer (None for a single image). With ``out_dir``: ``NNN_<name>.png`` per image
+    (input, norm map, CLS attention, PCA; one row per model), ``NNN_<name>_heads.png`` (CLS attention
+    per head, for models with a class token) and ``diagnose.json`` holding the report and every
+    figure's data under ``"figures"``. Returns the report.
+    """
+    _check_inputs(images, names, labels, compare)
+    names = [f"image{i}" for i in range(len(images))] if names is None else [str(n) for n in names]
+    models = [(labels[0], model)] + ([] if compare is None else [(labels[1], compare)])
+    report: dict[str, Any] = {
+        "settings": {"k": k, "threshold": threshold, "norm": norm},
+        "images": names,
+        "models": [
+            _model_summary(m, label, images, names, _layer_indices(m, layers), k, threshold, norm, batch_size)
+            for label, m in models
+        ],
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        report["figures"] = _write_figures(models, images, names, out, k, threshold, batch_size)
+        write_json(report, out / REPORT_NAME)
+    return report
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def render_table(report: dict[str, Any]) -> Table:
+    """The per-layer numbers of a :func:`diagnose` report as a rich table, models side by side."""
+    k = report["settings"]["k"]
+    table = Table(title=f"Patch-token norms per layer ({len(report['images'])} images; outliers: > {k:g}x or "
+                        f"< 1/{k:g}x the image median)")
+    table.add_column("layer", justify="right")
+    rows: dict[int, list[str]] = {}
+    for i, summary in enumerate(report["models"]):
+        for head in ("median", "p99", "max", "high-norm", "low-norm"):
+            table.add_column(f"{summary['label']}\n{head}", justify="right")
+        for entry in summary["layers"]:
+            cells = [f"{entry['median']:.3g}", f"{entry['p99']:.3g}", f"{entry['max']:.3g}",
+                     _percent(entry["high"]), _percent(entry["low"])]
+            rows.setdefault(entry["layer"], [""] * 5 * i).extend(cells)
+    for layer in sorted(rows):
+        table.add_row(str(layer), *rows[layer])
+    table.caption = "; ".join(
+        f"{s['label']}: {s['num_registers']} registers, position leakage R^2 "
+        + ("n/a (1 image)" if s["position_leakage"] is None else f"{s['position_leakage']:.3f}")
+        + ("" if s["class_token"] else f", {NO_CLS_NOTE}")
+        for s in report["models"]
+    )
+    return table
