@@ -1,0 +1,326 @@
+"""RetrofitModule: the student learns to match the denoised features of its frozen original (PH-Reg).
+
+The student is the teacher plus register tokens (:func:`retrofit.surgery.add_registers`); a freeze
+preset picks what it may change. Only patch features enter the loss, so whatever the student does to
+get rid of artifacts - park global information in the registers, re-route a position - is its choice.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor, nn
+
+from .backbones import load_backbone
+from .cache import TargetCache
+from .errors import RetrofitError
+from .export import export
+from .features import patch_features, patch_size
+from .metrics import outlier_mask
+from .surgery import RegisterInit, add_registers, check_supported
+from .targets import DenoisedTargets, Targets, TargetSettings, crop_center
+
+FreezePreset = Literal["phreg", "last-k", "lora", "full"]
+Schedule = Literal["exp", "cosine"]
+LORA_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"  # not patch_embed.proj (DESIGN.md section 3)
+TOKEN_PARAMS = ("cls_token", "reg_token", "dist_token", "pos_embed")
+HEAD_PREFIXES = ("head", "fc_norm", "attn_pool")  # never reach the patch features: frozen even in `full`
+_PATCH_EMBED = "patch_embed."
+
+
+def _starts(name: str, prefixes: Sequence[str]) -> bool:
+    """``name`` is one of ``prefixes`` or lies below one (prefixes ending in '.' name modules)."""
+    return any(name == p or name.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
+
+
+def trainable_prefixes(model: nn.Module, freeze: FreezePreset, last_k: int = 1) -> list[str]:
+    """Parameter-name prefixes a freeze preset trains (before any LoRA adapters are added).
+
+    ``phreg``: registers, position embedding, patch embedding and the last block - the last two for
+    pre-norm CLIP-style models (``norm_pre`` is not Identity). ``last-k``: registers, position
+    embedding, last ``last_k`` blocks. ``lora``: registers and position embedding (the adapters come on
+    top). ``full``: everything that reaches the patch features. The final norm is trained by ``full`` only.
+    """
+    depth = len(model.blocks)
+    tokens = [n for n in ("reg_token", "pos_embed") if getattr(model, n, None) is not None]
+    if freeze == "phreg":
+        last = 2 if not isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity) else 1
+        return tokens + [_PATCH_EMBED] + [f"blocks.{i}." for i in range(depth - last, depth)]
+    if freeze == "last-k":
+        if not 1 <= last_k <= depth:
+            raise RetrofitError(f"last_k must be in 1..{depth} for this {depth}-block model, got {last_k}.")
+        return tokens + [f"blocks.{i}." for i in range(depth - last_k, depth)]
+    if freeze == "lora":
+        return tokens
+    if freeze == "full":
+        return [n for n, _ in model.named_parameters() if not _starts(n, HEAD_PREFIXES)]
+    raise RetrofitError(f"unknown freeze preset {freeze!r}: choose phreg, last-k, lora or full.")
+
+
+def _add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, seed: int) -> PeftModel:
+    """Wrap ``model`` in LoRA adapters, initialised from ``seed`` so that a rebuilt module is identical."""
+    if rank < 1:
+        raise RetrofitError(f"lora_rank must be >= 1, got {rank}.")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return get_peft_model(model, config)
+    except ValueError as e:
+        raise RetrofitError(
+            f"LoRA found no attn.qkv/attn.proj/mlp.fc1/mlp.fc2 layers in this model ({str(e)[:80]}): "
+            "use freeze='last-k' or 'full'."
+        ) from e
+
+
+def _lr_factor(step: int, total: int, warmup: int, schedule: Schedule, floor: float) -> float:
+    """Multiplier of the base lr at ``step``: linear warmup, then exp decay or cosine down to ``floor``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "exp":
+        return floor**t
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _loss_terms(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean patch cosine and MSE, in float32 whatever the autocast dtype."""
+    pred, target = pred.float(), target.float()
+    return F.cosine_similarity(pred, target, dim=-1).mean(), F.mse_loss(pred, target)
+
+
+class RetrofitModule(L.LightningModule):
+    """Self-distillation of a timm ViT into the same ViT with register tokens.
+
+    Args:
+        backbone: the ViT to retrofit: a timm name, ``hf-hub:``/``local-dir:`` name or a directory from
+            ``retrofit export`` (see :func:`retrofit.load_backbone`), or an ``nn.Module`` (Python API;
+            it is copied, never modified, and must be passed again to resume).
+        checkpoint: local weights file for a timm name (offline use); None downloads the hub weights.
+        model_kwargs: extra ``timm.create_model`` arguments, e.g. ``{"img_size": 224}``.
+        num_registers: register tokens to add (PH-Reg: 16; gains are small beyond 4).
+        register_init: how new registers start: ``randn`` (randn / sqrt(dim), PH-Reg), ``timm`` (std 1e-6:
+            the model barely changes at step 0), ``zeros``, ``cls`` or ``mean_patch``.
+        freeze: what trains: ``phreg`` (registers, position and patch embedding, last block - two for
+            CLIP-style models), ``last-k`` (registers, position embedding, last ``last_k`` blocks), ``lora``
+            (LoRA on the blocks' attn.qkv/attn.proj/mlp.fc1/mlp.fc2 plus registers and position embedding;
+            merged into plain weights on export) or ``full``. The final norm trains only with ``full``.
+        last_k: blocks trained by ``freeze="last-k"``.
+        lora_rank: LoRA rank r.
+        lora_alpha: LoRA scale alpha (the update is scaled by alpha / r).
+        lora_dropout: dropout on the LoRA input.
+        lr: base learning rate (PH-Reg: 1e-4 for DINOv2, 3e-4 for CLIP).
+        min_lr: learning rate at the end of the run (PH-Reg: 5e-6 DINOv2, 1e-5 CLIP).
+        weight_decay: AdamW weight decay on matrices; tokens, position embeddings, norms and biases get none.
+        patch_embed_lr_scale: the patch embedding's lr as a fraction of ``lr`` (DESIGN.md section 6: the
+            base lr on it wrecks features within a few steps).
+        schedule: ``exp`` (exponential decay from lr to min_lr over the run, PH-Reg) or ``cosine``; both per step.
+        warmup_steps: linear warmup steps before the schedule.
+        mse_weight: weight of the MSE term; the loss is (1 - cosine) + mse_weight * MSE per layer.
+        loss_layers: block indices whose (final-normed) patch tokens also enter the loss, besides the output.
+        targets: how denoised targets are made (views, shifts, outlier handling): :class:`TargetSettings`.
+        cache_dir: store each image's targets here and reuse them (needs deterministic crops); None
+            computes targets for every batch.
+        seed: seeds the register init and the target views.
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module,
+        checkpoint: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        num_registers: int = 4,
+        register_init: RegisterInit = "randn",
+        freeze: FreezePreset = "phreg",
+        last_k: int = 1,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lr: float = 1e-4,
+        min_lr: float = 5e-6,
+        weight_decay: float = 1e-2,
+        patch_embed_lr_scale: float = 0.01,
+        schedule: Schedule = "exp",
+        warmup_steps: int = 0,
+        mse_weight: float = 1.0,
+        loss_layers: list[int] | None = None,
+        targets: TargetSettings | dict[str, Any] | None = None,
+        cache_dir: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        settings = TargetSettings(**targets) if isinstance(targets, dict) else targets or TargetSettings()
+        self.save_hyperparameters(ignore=["backbone", "targets"] if isinstance(backbone, nn.Module) else ["targets"])
+        self.hparams["targets"] = asdict(settings)  # plain values: checkpoints load with weights_only=True
+        self._check_settings()
+        self.teacher = self._load_teacher(backbone, checkpoint, model_kwargs or {})
+        self.student = self._build_student()
+        depth = len(self.teacher.blocks)
+        self.loss_layers = tuple(sorted({i % depth for i in loss_layers or ()}))
+        self.targets = DenoisedTargets(self.teacher, settings, layers=self.loss_layers, seed=seed)
+        self.margin = 0  # patches of real pixels around the student's window; set from the data in setup()
+        self._cache: TargetCache | None = None
+
+    # ---- construction -----------------------------------------------------------------------------
+
+    def _check_settings(self) -> None:
+        h = self.hparams
+        checks = (
+            (h.lr > 0 and 0 < h.min_lr <= h.lr, f"need 0 < min_lr <= lr, got lr={h.lr}, min_lr={h.min_lr}"),
+            (h.weight_decay >= 0, f"weight_decay must be >= 0, got {h.weight_decay}"),
+            (h.patch_embed_lr_scale >= 0, f"patch_embed_lr_scale must be >= 0, got {h.patch_embed_lr_scale}"),
+            (h.schedule in ("exp", "cosine"), f"schedule must be 'exp' or 'cosine', got {h.schedule!r}"),
+            (h.warmup_steps >= 0 and h.mse_weight >= 0, "warmup_steps and mse_weight must be >= 0"),
+            (h.num_registers >= 0, f"num_registers must be >= 0, got {h.num_registers}"),
+        )
+        for ok, problem in checks:
+            if not ok:
+                raise RetrofitError(f"{problem}: fix the RetrofitModule setting.")
+
+    @staticmethod
+    def _load_teacher(backbone: str | nn.Module, checkpoint: str | None, model_kwargs: dict[str, Any]) -> nn.Module:
+        if isinstance(backbone, nn.Module):
+            check_supported(backbone)
+            teacher = copy.deepcopy(backbone)
+        else:
+            teacher = load_backbone(backbone, checkpoint, **model_kwargs)
+        return teacher.eval().requires_grad_(False)
+
+    def _build_student(self) -> nn.Module:
+        h = self.hparams
+        vit = add_registers(self.teacher, h.num_registers, init=h.register_init, seed=h.seed).train()
+        prefixes = trainable_prefixes(vit, h.freeze, h.last_k)
+        student: nn.Module = vit
+        if h.freeze == "lora":
+            student = _add_lora(vit, h.lora_rank, h.lora_alpha, h.lora_dropout, h.seed)  # freezes all but the adapters
+        for name, p in vit.named_parameters():
+            if _starts(name, prefixes):
+                p.requires_grad_(True)
+            elif h.freeze != "lora":
+                p.requires_grad_(False)
+        return student
+
+    @property
+    def student_vit(self) -> nn.Module:
+        """The student as a timm model (inside the peft wrapper for LoRA; adapters act in place)."""
+        return self.student.get_base_model() if isinstance(self.student, PeftModel) else self.student
+
+    def train(self, mode: bool = True) -> RetrofitModule:
+        """Lightning switches every submodule to train mode at fit start; the teacher stays in eval."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    # ---- data and targets -------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Tell a RetrofitDataModule the backbone's patch size, normalisation and the margin targets need."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "configure_for"):
+            return
+        grid = dm.img_size // patch_size(self.teacher)[0]
+        dm.configure_for(self.teacher, self.targets.margin_patches(grid))
+        self.margin = dm.margin
+
+    def _targets(self, images: Tensor, keys: Sequence[str]) -> Targets:
+        if self.hparams.cache_dir is None:
+            return self.targets(images, self.margin)
+        if self._cache is None:
+            size = images.shape[-1] - 2 * self.margin * patch_size(self.teacher)[0]
+            self._cache = TargetCache(self.hparams.cache_dir, self.teacher, self.targets.settings,
+                                      self.loss_layers, image_size=size, margin=self.margin)
+        return self._cache.get_or_compute(self.targets, images, keys)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """The student's final patch features (B, H, W, D)."""
+        return patch_features(self.student_vit, images)
+
+    def _student_features(self, images: Tensor) -> list[Tensor]:
+        """Final patch features, then one grid per loss layer - all from a single forward."""
+        if not self.loss_layers:
+            return [patch_features(self.student_vit, images)]
+        last = len(self.student_vit.blocks) - 1  # the last block through the final norm is the output
+        grids = patch_features(self.student_vit, images, layers=[*self.loss_layers, last])
+        return [grids[-1], *grids[:-1]]
+
+    # ---- training ---------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        images = batch["image"]
+        targets = self._targets(images, batch["key"])
+        center = crop_center(images, self.margin * patch_size(self.teacher)[0])
+        preds = self._student_features(center)
+        wanted = [targets.features, *(targets.layers[i] for i in self.loss_layers)]
+        terms = [_loss_terms(pred, target) for pred, target in zip(preds, wanted, strict=True)]
+        loss = torch.stack([(1 - cos) + self.hparams.mse_weight * mse for cos, mse in terms]).sum()
+        outliers = outlier_mask(preds[0].detach(), self.targets.settings.outlier_k).float().mean()
+        metrics = {"train/loss": loss, "train/cosine": terms[0][0], "train/outlier_fraction": outliers}
+        self.log_dict(metrics, prog_bar=True, sync_dist=True, batch_size=len(images))
+        return loss
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: no decay on tokens, position embeddings, norms and biases; patch embedding at a scaled lr."""
+        h = self.hparams
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, p in self.student.named_parameters():
+            if not p.requires_grad:
+                continue
+            short = name.removeprefix("base_model.model.")
+            decay = p.ndim > 1 and short.split(".")[-1] not in TOKEN_PARAMS
+            groups.setdefault((decay, short.startswith(_PATCH_EMBED)), []).append(p)
+        return [
+            {"params": params, "weight_decay": h.weight_decay if decay else 0.0,
+             "lr": h.lr * (h.patch_embed_lr_scale if embed else 1.0)}
+            for (decay, embed), params in groups.items()
+        ]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise RetrofitError("the run has no fixed length, so the lr schedule cannot be laid out: set max_steps.")
+        optimizer = torch.optim.AdamW(self._param_groups(), lr=h.lr, betas=(0.9, 0.999))
+        floor = h.min_lr / h.lr
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: _lr_factor(step, int(total), h.warmup_steps, h.schedule, floor)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+
+    def _teacher_keys(self) -> Iterator[str]:
+        return (f"teacher.{k}" for k in self.teacher.state_dict())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the frozen teacher out (it is rebuilt from the backbone) and keep the view generator's state."""
+        for key in self._teacher_keys():
+            checkpoint["state_dict"].pop(key, None)
+        checkpoint["target_rng_state"] = self.targets.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        if "target_rng_state" in checkpoint:
+            self.targets.set_rng_state(checkpoint["target_rng_state"])
+
+    # ---- export -----------------------------------------------------------------------------------
+
+    def export_model(self) -> nn.Module:
+        """A plain timm model with the registers (LoRA merged), a copy in eval mode."""
+        student = copy.deepcopy(self.student)
+        model = student.merge_and_unload() if isinstance(student, PeftModel) else student
+        return model.requires_grad_(True).eval()
+
+    def export(self, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Write the exported model with :func:`retrofit.export` (atomic, timm-native)."""
+        backbone = self.hparams.get("backbone") or self.teacher.pretrained_cfg["architecture"]
+        return export(self.export_model(), out_dir, overwrite=overwrite, backbone=str(backbone),
+                      freeze=self.hparams.freeze, steps=int(self.global_step))

@@ -1,0 +1,62 @@
+"""retrofit(): planted artifacts removed end to end, image folders, export round trip, argument routing."""
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from retrofit import RetrofitError, count_registers, load, patch_features
+from retrofit.api import retrofit
+from retrofit.data import RetrofitDataModule
+from retrofit.metrics import outlier_mask, patch_cosine
+from retrofit.synthetic import plant_artifacts, synthetic_images
+from retrofit.targets import DenoisedTargets, crop_center
+
+QUIET = dict(enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+NORM = dict(mean=(0.5,) * 3, std=(0.5,) * 3)  # test_vit's normalisation
+
+
+def test_planted_artifacts_are_removed_and_the_export_round_trips(tmp_path):
+    torch.manual_seed(0)
+    clean = timm.create_model("test_vit", pretrained=False, img_size=64, patch_size=8).eval()
+    planted = plant_artifacts(clean)
+    train = synthetic_images(48, 80, seed=1, **NORM)  # 64 px for the student + a 1-patch margin
+    model = retrofit(
+        planted, train, out_dir=tmp_path / "export", max_steps=100, batch_size=16, random_crop=False,
+        lr=1e-2, min_lr=5e-4, register_init="timm", cache_dir=str(tmp_path / "cache"), **QUIET,
+    )
+    held = synthetic_images(32, 80, seed=2, **NORM)
+    center = crop_center(held, 8)
+    with torch.no_grad():
+        target = DenoisedTargets(planted)(held, margin=1).features
+        before, after = patch_features(planted, center), patch_features(model, center)
+        torch.testing.assert_close(patch_features(load(tmp_path / "export"), center), after)
+    assert 0.02 <= outlier_mask(before).float().mean() <= 0.05
+    assert outlier_mask(after).float().mean() < 0.001
+    assert patch_cosine(after, target).mean() >= 0.9
+    assert count_registers(model) == 4 and not model.training
+
+
+def test_image_folder_end_to_end(tmp_path):
+    pixels = (synthetic_images(6, 40, seed=3, mean=(0,) * 3, std=(1,) * 3) * 255).round().byte()
+    for i, image in enumerate(pixels):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / f"{i}.png")
+    teacher = timm.create_model("test_vit", pretrained=False, img_size=32, patch_size=8).eval()
+    model = retrofit(teacher, tmp_path, out_dir=tmp_path / "out", num_registers=2, max_steps=2, batch_size=3,
+                     lr=1e-2, min_lr=1e-3, **QUIET)
+    x = synthetic_images(2, 32, seed=4, **NORM)
+    with torch.no_grad():
+        torch.testing.assert_close(patch_features(load(tmp_path / "out"), x), patch_features(model, x))
+        assert not torch.equal(patch_features(model, x), patch_features(teacher, x))
+    assert count_registers(model) == 2
+
+
+def test_settings_are_routed_or_rejected():
+    teacher = timm.create_model("test_vit", pretrained=False, img_size=32, patch_size=8)
+    images = synthetic_images(2, 32)
+    with pytest.raises(RetrofitError, match="unknown setting.*learning_rate"):
+        retrofit(teacher, images, learning_rate=1e-3)
+    with pytest.raises(RetrofitError, match="batch_size were given with a ready RetrofitDataModule"):
+        retrofit(teacher, RetrofitDataModule.from_tensor(images), batch_size=4)
+    with pytest.raises(RetrofitError, match="data of type list"):
+        retrofit(teacher, [images])
