@@ -225,18 +225,25 @@ class SkippingLoader(DataLoader):
     """A DataLoader that moves the skipped keys of each batch into ``skips`` in the main process.
 
     Batches arrive with exactly the keys of the batch contract; one that has no readable image left
-    (only possible at the end of a stream) is not yielded. Each pass sets the dataset's epoch, so
-    random crops differ between epochs yet repeat for the same seed.
+    (only possible at the end of a stream) is not yielded. Each pass takes its epoch from ``epoch``
+    (the trainer's epoch when there is one, else a pass count) and derives the crops and the shuffle
+    order from it alone, so epochs differ, the same seed repeats, and a run resumed from an end-of-epoch
+    checkpoint sees exactly the batches the uninterrupted run saw.
     """
 
-    def __init__(self, dataset: Dataset, skips: SkipLog, **kwargs: Any) -> None:
+    def __init__(self, dataset: Dataset, skips: SkipLog, epoch: Callable[[], int | None], seed: int,
+                 **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
-        self.skips = skips
+        self.skips, self.epoch, self.seed = skips, epoch, seed
         self.passes = 0
 
     def __iter__(self) -> Iterator[Item]:
-        self.dataset.set_epoch(self.passes)
+        epoch = self.epoch()
+        epoch = self.passes if epoch is None else epoch
         self.passes += 1
+        self.dataset.set_epoch(epoch)
+        if self.generator is not None:
+            self.generator.manual_seed(_item_seed(self.seed, "order", epoch))
         for batch in super().__iter__():
             self.skips.reasons.update(batch.pop("skipped"))
             if batch["image"] is not None:
@@ -512,6 +519,8 @@ class RetrofitDataModule(L.LightningDataModule):
         return SkippingLoader(
             data,
             self.skips,
+            epoch=self._trainer_epoch,
+            seed=self.seed,
             batch_size=self.batch_size,
             shuffle=self.shuffle and mapped,
             num_workers=self.num_workers,
@@ -519,6 +528,9 @@ class RetrofitDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed) if mapped else None,
             persistent_workers=False,  # workers must see each pass's epoch for fresh crops
         )
+
+    def _trainer_epoch(self) -> int | None:
+        return None if self.trainer is None else self.trainer.current_epoch
 
     @property
     def num_skipped(self) -> int:

@@ -26,10 +26,11 @@ def vit(size: int = 32, **kwargs) -> torch.nn.Module:
     return perturb_(timm.create_model("test_vit", pretrained=False, img_size=size, patch_size=8, **kwargs)).eval()
 
 
-def data(n: int = 8, size: int = 32, batch_size: int = 4) -> RetrofitDataModule:
+def data(n: int = 8, size: int = 32, batch_size: int = 4, shuffle: bool = False) -> RetrofitDataModule:
+    """Deterministic batches, or (shuffle=True) random crops in a shuffled order."""
     images = synthetic_images(n, size + 16, seed=1, mean=(0.5,) * 3, std=(0.5,) * 3)
     return RetrofitDataModule.from_tensor(images, img_size=size, batch_size=batch_size, num_workers=0,
-                                          random_crop=False, shuffle=False)
+                                          random_crop=shuffle, shuffle=shuffle)
 
 
 def trainer(steps: int, **kwargs) -> L.Trainer:
@@ -159,7 +160,7 @@ def test_kill_and_resume_equals_the_uninterrupted_run(freeze, tmp_path):
     def run(steps, ckpt=None, callbacks=()):
         module = RetrofitModule(teacher, **settings)
         trainer(steps, callbacks=list(callbacks), enable_checkpointing=bool(callbacks)).fit(
-            module, datamodule=data(), ckpt_path=ckpt)
+            module, datamodule=data(shuffle=True), ckpt_path=ckpt)
         return module
 
     full = run(4)
