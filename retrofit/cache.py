@@ -139,8 +139,10 @@ class TargetCache:
 
     def _stack(self, entries: list[Entry], device: torch.device | str | None) -> Targets:
         def stacked(name: str) -> Tensor:
-            t = torch.stack([e[name] for e in entries]).to(device)
-            return t.float() if t.is_floating_point() else t
+            # float32 before stacking: CPU autocast (bf16-mixed) refuses to stack fp16 tensors
+            return torch.stack([e[name].float() if e[name].is_floating_point() else e[name] for e in entries]).to(
+                device
+            )
 
         return Targets(
             features=stacked("features"),

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.progress import track
 from rich.table import Table
 from torch import Tensor, nn
 
@@ -52,6 +53,11 @@ def _layer_indices(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
     return list(range(depth)) if layers is None else [i + depth if i < 0 else i for i in layers]
 
 
+def _batch_starts(n: int, batch_size: int, description: str, progress: bool) -> Iterable[int]:
+    """Batch offsets, shown as a rich progress bar when ``progress``."""
+    return track(range(0, n, batch_size), description=description, disable=not progress, transient=True)
+
+
 def _image_stats(name: str, grid: Tensor, k: float, threshold: float | None) -> dict[str, Any]:
     norms = token_norms(grid[None])[0]
     return {
@@ -65,7 +71,7 @@ def _image_stats(name: str, grid: Tensor, k: float, threshold: float | None) -> 
 
 def _model_summary(
     model: nn.Module, label: str, images: Tensor, names: Sequence[str], layers: list[int],
-    k: float, threshold: float | None, norm: bool, batch_size: int,
+    k: float, threshold: float | None, norm: bool, batch_size: int, progress: bool = False,
 ) -> dict[str, Any]:
     """Per-layer norm statistics and outlier fractions over all images, plus per-image numbers."""
     device = model_device(model)
@@ -73,7 +79,7 @@ def _model_summary(
     outliers = OutlierFraction(k, threshold, layers=layers).to(device)
     leakage = PositionLeakage().to(device)
     per_image = []
-    for start in range(0, len(images), batch_size):
+    for start in _batch_starts(len(images), batch_size, f"measuring {label}", progress):
         batch = images[start:start + batch_size].to(device)
         with inference(model):
             grids = patch_features(model, batch, layers=layers, norm=norm)
@@ -121,12 +127,12 @@ def _figure_data(maps: ImageMaps) -> dict[str, Any]:
 
 def _write_figures(
     models: Sequence[tuple[str, nn.Module]], images: Tensor, names: Sequence[str], out_dir: Path,
-    k: float, threshold: float | None, batch_size: int,
+    k: float, threshold: float | None, batch_size: int, progress: bool = False,
 ) -> list[dict[str, Any]]:
     """One PNG per image (models side by side in rows) plus one of every head; returns the figures' data."""
     entries = []
     stems = _file_stems(names)
-    for start in range(0, len(images), batch_size):
+    for start in _batch_starts(len(images), batch_size, "drawing maps", progress):
         batch = images[start:start + batch_size]
         rgb = display_rgb(batch, models[0][1])
         maps = {label: compute_maps(model, batch, k, threshold) for label, model in models}
@@ -167,6 +173,7 @@ def diagnose(
     threshold: float | None = None,
     norm: bool = True,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Artifact report of ``model`` (and ``compare``, e.g. before/after) on normalised ``images`` (N, 3, H, W).
 
@@ -176,7 +183,7 @@ def diagnose(
     R^2 of the last layer (None for a single image). With ``out_dir``: ``NNN_<name>.png`` per image
     (input, norm map, CLS attention, PCA; one row per model), ``NNN_<name>_heads.png`` (CLS attention
     per head, for models with a class token) and ``diagnose.json`` holding the report and every
-    figure's data under ``"figures"``. Returns the report.
+    figure's data under ``"figures"``. ``progress`` shows rich progress bars. Returns the report.
     """
     _check_inputs(images, names, labels, compare)
     names = [f"image{i}" for i in range(len(images))] if names is None else [str(n) for n in names]
@@ -185,14 +192,15 @@ def diagnose(
         "settings": {"k": k, "threshold": threshold, "norm": norm},
         "images": names,
         "models": [
-            _model_summary(m, label, images, names, _layer_indices(m, layers), k, threshold, norm, batch_size)
+            _model_summary(m, label, images, names, _layer_indices(m, layers), k, threshold, norm, batch_size,
+                           progress)
             for label, m in models
         ],
     }
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        report["figures"] = _write_figures(models, images, names, out, k, threshold, batch_size)
+        report["figures"] = _write_figures(models, images, names, out, k, threshold, batch_size, progress)
         write_json(report, out / REPORT_NAME)
     return report
 

@@ -14,6 +14,7 @@ from typing import Literal
 
 import timm
 import torch
+from timm.models._input import get_model_args
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -134,12 +135,11 @@ def add_registers(
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     new_regs = _init_registers(model, sd, num_registers, init, generator)
 
-    kwargs = dict(getattr(model, "_model_args", {}))
+    # timm's own record of how to rebuild this model as it is now (factory kwargs, current head, pool, size)
+    kwargs = get_model_args(model)
     kwargs.update({_register_kwarg(model): old + num_registers, "no_embed_class": True})
     arch = model.pretrained_cfg["architecture"]
-    new = timm.create_model(arch, pretrained=False, **kwargs)
-    new.pretrained_cfg = copy.deepcopy(model.pretrained_cfg)
-    new.default_cfg = new.pretrained_cfg
+    new = timm.create_model(arch, pretrained=False, pretrained_cfg=copy.deepcopy(model.pretrained_cfg), **kwargs)
 
     if old + num_registers:
         old_regs = sd.pop("reg_token", None)

@@ -16,6 +16,7 @@ patches, so mapping every view back onto the original grid and averaging per pat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Sequence
@@ -52,6 +53,11 @@ class TargetSettings:
     """Average a position only over the views in which its token is not an outlier."""
     keep_clean_tokens: bool = True
     """Keep the teacher's own token wherever it is not an outlier; average only at outlier positions."""
+    min_clean_views: int = 0
+    """Adaptive view count: an image gets no more views once every one of its outlier positions has this
+    many clean views (0: all ``num_views``). Clean coverage, not the view count, is what removes artifacts."""
+    bf16: bool = False
+    """Run the teacher's forwards under bf16 autocast (CUDA, or CPUs with avx512_bf16/AMX); targets stay float32."""
     chunk_size: int = 32
     """Views per teacher forward: bounds memory, does not change the targets."""
 
@@ -62,6 +68,7 @@ class TargetSettings:
             (self.num_candidates >= 1, f"num_candidates must be >= 1, got {self.num_candidates}"),
             (0 <= self.flip_prob <= 1, f"flip_prob must be in [0, 1], got {self.flip_prob}"),
             (self.outlier_k > 1, f"outlier_k must be > 1, got {self.outlier_k}"),
+            (self.min_clean_views >= 0, f"min_clean_views must be >= 0, got {self.min_clean_views}"),
             (self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}"),
         )
         for ok, problem in checks:
@@ -222,12 +229,10 @@ def _crop_views(source: Tensor, base: int, p: int, grid: tuple[int, int], views:
 
     ``base`` is where the centre crop starts in ``source``, in patches.
     """
-    (h, w), offsets = grid, (base + views.offsets[idx]) * p
-    crops = torch.stack([
-        source[b, :, y:y + h * p, x:x + w * p] for b, (y, x) in zip(images.tolist(), offsets.tolist(), strict=True)
-    ])
-    flips = views.flips[idx, images].to(crops.device)
-    return torch.where(flips[:, None, None, None], crops.flip(-1), crops)
+    (h, w), offsets, flips = grid, (base + views.offsets[idx]) * p, views.flips[idx, images]
+    corners = zip(images.tolist(), offsets.tolist(), strict=True)
+    crops = (source[b, :, y:y + h * p, x:x + w * p] for b, (y, x) in corners)
+    return torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flips.tolist(), strict=True)])
 
 
 class DenoisedTargets:
@@ -237,7 +242,8 @@ class DenoisedTargets:
     ``torch.Generator`` owned by this object: the same seed gives bit-identical targets, and
     :meth:`get_rng_state` / :meth:`set_rng_state` let a training checkpoint resume exactly.
     With ``keep_clean_tokens`` only images that have outliers are shown to the teacher again,
-    so a model without artifacts costs one forward per image.
+    so a model without artifacts costs one forward per image; ``min_clean_views`` and ``bf16`` make the
+    views of the others cheaper (figures in bench/README.md).
     """
 
     def __init__(
@@ -291,7 +297,9 @@ class DenoisedTargets:
         views = self.draw_views(len(images), grid) if views is None else views
         _check_views(views, len(images), grid)
         self.teacher.eval()
-        with torch.inference_mode():
+        device = next(self.teacher.parameters()).device.type
+        bf16 = torch.autocast(device, torch.bfloat16) if self.settings.bf16 else contextlib.nullcontext()
+        with torch.inference_mode(), bf16:
             targets = self._compute(images, margin, views, grid)
         # Clone outside inference mode: inference tensors cannot be saved for the student's backward.
         return Targets(
@@ -337,23 +345,37 @@ class DenoisedTargets:
         needy = torch.ones(b, dtype=torch.bool)
         if s.keep_clean_tokens:  # only images with outliers need the other views
             needy = torch.stack([o.any(dim=1) for o in own_outliers]).any(dim=0).cpu()
-        self._add_shifted(averages, images, margin, views, grid, needy.nonzero().flatten())
+        self._add_shifted(averages, own_outliers, images, margin, views, grid, needy)
         return self._finish(own, own_outliers, averages, grid)
 
-    def _add_shifted(self, averages: list[_Average], images: Tensor, margin: int, views: Views,
-                     grid: tuple[int, int], chosen: Tensor) -> None:
-        """Views 1.. of the chosen images, view-major, ``chunk_size`` of them per teacher forward."""
+    def _covered(self, averages: list[_Average], own_outliers: list[Tensor]) -> Tensor:
+        """(B,) bool: every outlier position of the image, in every layer, has ``min_clean_views`` clean views."""
+        k = self.settings.min_clean_views
+        done = [((a.clean_count >= k) | ~out).all(dim=1) for a, out in zip(averages, own_outliers, strict=True)]
+        return torch.stack(done).all(dim=0).cpu()
+
+    def _add_shifted(self, averages: list[_Average], own_outliers: list[Tensor], images: Tensor, margin: int,
+                     views: Views, grid: tuple[int, int], needy: Tensor) -> None:
+        """Views 1.. of the needy images, view-major, ``chunk_size`` of them per teacher forward.
+
+        With ``min_clean_views`` the views go one at a time, each to the images not yet covered.
+        """
         s, p, num = self.settings, patch_size(self.teacher)[0], len(views.offsets)
-        idx, imgs = torch.arange(1, num).repeat_interleave(len(chosen)), chosen.repeat(num - 1)
         pad = max(0, int(views.offsets.abs().max()) - margin)  # patches of fill needed beyond the margin
-        source = F.pad(images, [pad * p] * 4) if pad and len(idx) else images
-        for start in range(0, len(idx), s.chunk_size):
-            i, j = idx[start:start + s.chunk_size], imgs[start:start + s.chunk_size]
-            real = _real_tokens(views, i, j, grid, margin)
-            grids = self._teacher(_crop_views(source, margin + pad, p, grid, views, i, j), real)
-            real = real.to(grids[0].device)
-            outliers = [_outliers(g.norm(dim=-1), s.outlier_k, real) for g in grids]
-            self._add(averages, grids, outliers, views, i, j, grid)
+        source = F.pad(images, [pad * p] * 4) if pad and needy.any() else images
+        rounds = [[v] for v in range(1, num)] if s.min_clean_views else [list(range(1, num))]
+        for round_views in rounds:
+            if s.min_clean_views:
+                needy = needy & ~self._covered(averages, own_outliers)
+            chosen = needy.nonzero().flatten()
+            idx, imgs = torch.tensor(round_views).repeat_interleave(len(chosen)), chosen.repeat(len(round_views))
+            for start in range(0, len(idx), s.chunk_size):
+                i, j = idx[start:start + s.chunk_size], imgs[start:start + s.chunk_size]
+                real = _real_tokens(views, i, j, grid, margin)
+                grids = self._teacher(_crop_views(source, margin + pad, p, grid, views, i, j), real)
+                real = real.to(grids[0].device)
+                outliers = [_outliers(g.norm(dim=-1), s.outlier_k, real) for g in grids]
+                self._add(averages, grids, outliers, views, i, j, grid)
 
     def _finish(self, own: list[Tensor], own_outliers: list[Tensor], averages: list[_Average],
                 grid: tuple[int, int]) -> Targets:

@@ -40,6 +40,17 @@ def test_round_trip_within_fp16(tmp_path, teacher):
     assert cache.path(KEYS[0]).stat().st_size < 4 * 16 * 64 * 2 + 1024  # fp16 on disk
 
 
+def test_cached_epochs_match_under_cpu_bf16_autocast(tmp_path, teacher):
+    """bf16-mixed training on CPU reads the fp16 entries inside autocast; first and later epochs agree."""
+    cache, denoiser = cache_for(tmp_path, teacher), DenoisedTargets(teacher, layers=[1])
+    images = torch.randn(3, 3, 96, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = cache.get_or_compute(denoiser, images, KEYS)
+        later = cache.get_or_compute(denoiser, images, KEYS)
+    assert later.features.dtype == torch.float32
+    assert torch.equal(first.features, later.features) and torch.equal(first.layers[1], later.layers[1])
+
+
 def test_teacher_or_settings_change_misses(tmp_path, teacher):
     targets = DenoisedTargets(teacher, layers=[1])(torch.randn(3, 3, 96, 96), margin=1)
     cache_for(tmp_path, teacher).put(KEYS, targets)

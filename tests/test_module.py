@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from peft import PeftModel
 
-from retrofit import patch_features
+from retrofit import RetrofitError, patch_features
 from retrofit.data import RetrofitDataModule
 from retrofit.metrics import patch_cosine
 from retrofit.module import RetrofitModule, _lr_factor
@@ -141,6 +141,20 @@ def test_artifact_free_model_is_not_harmed():
     assert cos.mean() >= 0.98
 
 
+@pytest.mark.parametrize("freeze", ["phreg", "last-k"])
+def test_grad_checkpointing_gives_the_same_gradients(freeze):
+    teacher, batch = vit(), {"image": synthetic_images(2, 32, seed=2), "key": ["a", "b"]}
+    grads = []
+    for checkpointing in (False, True):
+        module = RetrofitModule(teacher, freeze=freeze, targets=FAST, grad_checkpointing=checkpointing).train()
+        module.training_step(batch, 0).backward()
+        grads.append({n: p.grad for n, p in module.student.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[1].values())
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad)
+    assert module.student.grad_checkpointing and not module.export_model().grad_checkpointing
+
+
 class StopAt(L.Callback):
     """Ends fit after ``step`` optimizer steps, as a killed job would (the checkpoint is already written)."""
 
@@ -191,3 +205,9 @@ def test_mixed_precision_on_gpu_trains(precision):
     trainer(2, accelerator="gpu", devices=1, precision=precision).fit(module, datamodule=data())
     assert module.teacher.pos_embed.device.type == "cuda"
     assert math.isfinite(float(module.trainer.callback_metrics["train/loss"]))
+
+
+def test_unknown_target_setting_names_the_key():
+    with pytest.raises(RetrofitError, match="unknown target setting 'bogus'") as err:
+        RetrofitModule(vit(), targets={"num_views": 2, "bogus": 1})
+    assert "\n" not in str(err.value)

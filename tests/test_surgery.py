@@ -18,7 +18,7 @@ from .conftest import perturb_
 ARCHITECTURES = [
     ("test_vit", {}),
     ("vit_small_patch14_dinov2", dict(img_size=42, depth=3)),
-    ("vit_base_patch16_clip_224", dict(img_size=48, depth=2)),
+    ("vit_base_patch16_clip_224.openai", dict(img_size=48, depth=2)),  # 512-wide projection head
     ("deit3_small_patch16_224", dict(img_size=48, depth=3)),
     ("eva02_tiny_patch14_224", dict(img_size=42, depth=3)),
     ("test_vit", dict(class_token=False, global_pool="avg", img_size=48)),

@@ -134,6 +134,31 @@ def test_clean_teacher_is_returned_exactly_with_one_forward():
     assert student.grad.abs().sum() > 0
 
 
+def test_adaptive_views_stop_once_outliers_are_covered():
+    clean, planted = planted_teachers()
+    x = smooth_images(4, 160)
+    reference = patch_features(clean, crop_center(x, 16))
+    seen = []
+    hook = planted.patch_embed.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
+    out = DenoisedTargets(planted, TargetSettings(min_clean_views=1), layers=[1])(x, margin=1)
+    hook.remove()
+    assert seen == [4, 4, 4, 4]  # the image, then views 1-3: view 3 is the first to show the corner artifact
+    mask = out.outliers[0]
+    assert (out.coverage[:, mask] >= 1).all() and outlier_fraction(out.features) == 0
+    cos = F.cosine_similarity(out.features, reference, dim=-1)
+    assert cos.mean() > 0.98 and cos[:, mask].mean() > 0.75
+
+
+def test_bf16_teacher_gives_float32_targets_close_to_fp32():
+    _, planted = planted_teachers()
+    x = smooth_images(2, 160)
+    fp32 = DenoisedTargets(planted, seed=2)(x, 1)
+    bf16 = DenoisedTargets(planted, TargetSettings(bf16=True), seed=2)(x, 1)
+    assert bf16.features.dtype == torch.float32
+    assert torch.equal(bf16.outliers, fp32.outliers)
+    assert F.cosine_similarity(bf16.features, fp32.features, dim=-1).min() > 0.99
+
+
 def test_same_seed_is_bit_identical_and_state_resumes():
     model, few = teacher(), TargetSettings(num_views=4, keep_clean_tokens=False, drop_outlier_views=False)
     x = torch.randn(2, 3, 160, 160)
@@ -177,6 +202,7 @@ def test_settings_key_tracks_what_changes_targets():
     assert base.key() == TargetSettings().key()
     assert base.key() == TargetSettings(chunk_size=4).key()
     assert base.key() != TargetSettings(outlier_k=4).key() != TargetSettings(keep_clean_tokens=False).key()
+    assert len({base.key(), TargetSettings(min_clean_views=2).key(), TargetSettings(bf16=True).key()}) == 3
 
 
 NO_FLIPS = torch.zeros(2, 3, dtype=torch.bool)
@@ -186,6 +212,7 @@ NO_FLIPS = torch.zeros(2, 3, dtype=torch.bool)
     lambda m: TargetSettings(num_views=0),
     lambda m: TargetSettings(max_shift=0.6),
     lambda m: TargetSettings(outlier_k=1.0),
+    lambda m: TargetSettings(min_clean_views=-1),
     lambda m: DenoisedTargets(m, layers=[3]),
     lambda m: DenoisedTargets(m)(torch.randn(1, 3, 100, 100)),
     lambda m: DenoisedTargets(m)(torch.randn(1, 3, 64, 64), margin=2),

@@ -1,0 +1,72 @@
+"""Recipes: every YAML validates against `retrofit fit`'s parser, and the README's parameter counts are computed."""
+
+import re
+from pathlib import Path
+
+import pytest
+import timm
+
+from retrofit.cli import RECIPES_DIR, console, fit_config, main, recipe_paths, trainable_parameters
+
+RECIPES = recipe_paths()
+LEAF_KEY = re.compile(r"^\s*(- )?[\w_]+: \S")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_validates_with_phreg_settings(path: Path, tmp_path: Path) -> None:
+    config = fit_config(["--config", str(path), "--data.source", str(tmp_path)])
+    assert config.trainer.precision == "bf16-mixed" and config.model.freeze == "phreg"
+    assert config.data.img_size == config.model.model_kwargs["img_size"]
+    assert timm.is_model(config.model.backbone)
+    family = "clip" if "clip" in path.stem else "dinov2" if "dinov2" in path.stem else "other"
+    expected = {"clip": (3e-4, 1e-5, 448), "dinov2": (1e-4, 5e-6, 518)}.get(family)
+    if expected:
+        assert (config.model.lr, config.model.min_lr, config.data.img_size) == expected
+    if family == "dinov2":
+        assert config.model.num_registers == int(path.stem.rsplit("reg", 1)[1])
+    uncommented = [line for line in path.read_text().splitlines() if LEAF_KEY.match(line) and " # " not in line]
+    assert not uncommented, uncommented
+
+
+def test_all_required_models_have_recipes() -> None:
+    stems = {p.stem for p in RECIPES}
+    for size in "sblg":
+        assert {f"dinov2_vit{size}14_reg4", f"dinov2_vit{size}14_reg16"} <= stems
+    assert {"clip_vitb16_openai", "clip_vitl14_openai", "openclip_vitb16_laion2b"} <= stems
+    assert any(s.startswith("deit3_base") for s in stems) and any(s.startswith("eva02") for s in stems)
+
+
+def test_trainable_parameters_match_a_hand_count(tmp_path: Path) -> None:
+    config = fit_config(["--model.backbone", "test_vit", "--model.num_registers", "4", "--data.source", str(tmp_path)])
+    vit = timm.create_model("test_vit", pretrained=False, num_classes=0)
+    dim, grid = vit.embed_dim, vit.patch_embed.num_patches
+    hand = (
+        4 * dim  # the new registers
+        + grid * dim  # the patch part of the position embedding (the class part is folded into cls_token)
+        + sum(p.numel() for p in vit.patch_embed.parameters())
+        + sum(p.numel() for p in vit.blocks[-1].parameters())
+    )
+    trainable, total = trainable_parameters(config)
+    assert trainable == hand
+    assert total == sum(p.numel() for p in vit.parameters()) - dim + 4 * dim  # pos_embed lost its class row
+
+
+def test_readme_table_holds_the_computed_counts(tmp_path: Path) -> None:
+    readme = (RECIPES_DIR / "README.md").read_text()
+    for stem in ("dinov2_vits14_reg4", "dinov2_vits14_reg16", "deit3_base_p16_384"):
+        config = fit_config(["--config", str(RECIPES_DIR / f"{stem}.yaml"), "--data.source", str(tmp_path)])
+        trainable, total = trainable_parameters(config)
+        row = next(line for line in readme.splitlines() if f"`{stem}`" in line)
+        assert f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M" in row, row
+
+
+def test_recipes_command_lists_and_shows(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(console, "width", 200)
+    assert main(["recipes"]) == 0
+    listed = capsys.readouterr().out
+    assert all(p.stem in listed for p in RECIPES)
+    assert main(["recipes", "dinov2_vitb14_reg4"]) == 0
+    assert "vit_base_patch14_dinov2" in capsys.readouterr().out
+    assert main(["recipes", "dinov2_vitb14_reg5"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no recipe 'dinov2_vitb14_reg5'" in err
