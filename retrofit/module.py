@@ -243,6 +243,11 @@ class RetrofitModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "configure_for"):
             return
+        if self.hparams.cache_dir is not None and getattr(dm, "random_crop", False):
+            raise RetrofitError(
+                "cache_dir stores one target per image, but the data crops at random: "
+                "set data.random_crop false (or drop cache_dir)."
+            )
         grid = dm.img_size // patch_size(self.teacher)[0]
         dm.configure_for(self.teacher, self.targets.margin_patches(grid))
         self.margin = dm.margin

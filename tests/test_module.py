@@ -211,3 +211,10 @@ def test_unknown_target_setting_names_the_key():
     with pytest.raises(RetrofitError, match="unknown target setting 'bogus'") as err:
         RetrofitModule(vit(), targets={"num_views": 2, "bogus": 1})
     assert "\n" not in str(err.value)
+
+
+def test_cache_with_random_crops_is_refused_before_training(tmp_path):
+    module = RetrofitModule(vit(), targets=FAST, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(RetrofitError, match="set data.random_crop false"):
+        trainer(2).fit(module, datamodule=data(shuffle=True))
+    assert not (tmp_path / "cache").exists()
