@@ -15,8 +15,7 @@ import argparse
 import timm
 import torch
 
-from retrofit import count_registers, patch_features
-from retrofit.api import retrofit
+from retrofit import count_registers, patch_features, retrofit
 
 
 def main(argv: list[str] | None = None) -> None:
