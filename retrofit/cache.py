@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .errors import RetrofitError
-from .features import grid_size, patch_size
-from .targets import DEFAULT_SETTINGS, DenoisedTargets, Targets, TargetSettings, block_indices, crop_center
+from .features import block_indices, grid_size, patch_size
+from .targets import DEFAULT_SETTINGS, DenoisedTargets, Targets, TargetSettings, crop_center
 
 FP16_MAX = torch.finfo(torch.float16).max
 Entry = dict[str, Tensor]

@@ -18,7 +18,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from .errors import RetrofitError
-from .features import patch_features
+from .features import block_indices, patch_features
 from .maps import (
     NO_CLS_NOTE,
     ImageMaps,
@@ -48,9 +48,9 @@ def _check_inputs(images: Tensor, names: Sequence[str] | None, labels: Sequence[
         raise RetrofitError(f"labels must be two different names for model and compare, got {list(labels)}.")
 
 
-def _layer_indices(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
-    depth = len(model.blocks)
-    return list(range(depth)) if layers is None else [i + depth if i < 0 else i for i in layers]
+def _layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
+    """Every block by default; else the requested ones, checked and in model order."""
+    return list(range(len(model.blocks))) if layers is None else list(block_indices(model, layers))
 
 
 def _batch_starts(n: int, batch_size: int, description: str, progress: bool) -> Iterable[int]:
@@ -192,7 +192,7 @@ def diagnose(
         "settings": {"k": k, "threshold": threshold, "norm": norm},
         "images": names,
         "models": [
-            _model_summary(m, label, images, names, _layer_indices(m, layers), k, threshold, norm, batch_size,
+            _model_summary(m, label, images, names, _layers(m, layers), k, threshold, norm, batch_size,
                            progress)
             for label, m in models
         ],

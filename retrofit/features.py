@@ -49,14 +49,27 @@ def dynamic_input(model: nn.Module, size: Sequence[int]) -> Iterator[None]:
         model.dynamic_img_size, pe.strict_img_size, pe.flatten, pe.output_fmt = saved
 
 
-def _check_layers(model: nn.Module, layers: int | Sequence[int] | None) -> None:
+def block_indices(model: nn.Module, layers: Sequence[int]) -> tuple[int, ...]:
+    """Sorted, distinct, non-negative block indices (negative ones count from the end), range-checked.
+
+    Sorted because timm's ``forward_intermediates`` returns blocks in model order, whatever was asked.
+    """
     depth = len(model.blocks)
-    bad = [i for i in ([] if layers is None or isinstance(layers, int) else layers) if not -depth <= i < depth]
-    if isinstance(layers, int) and not 0 < layers <= depth:
-        bad = [layers]
+    bad = [i for i in layers if not -depth <= i < depth]
     if bad:
         arch = model.pretrained_cfg.get("architecture", type(model).__name__)
-        raise RetrofitError(f"layer {bad[0]} does not exist: {arch} has blocks 0..{depth - 1}.")
+        raise RetrofitError(
+            f"layer {bad[0]} does not exist: {arch} has blocks 0..{depth - 1} (negative indices count from the end)."
+        )
+    return tuple(sorted({i % depth for i in layers}))
+
+
+def _check_layers(model: nn.Module, layers: int | Sequence[int] | None) -> None:
+    if isinstance(layers, int) and not 0 < layers <= len(model.blocks):
+        arch = model.pretrained_cfg.get("architecture", type(model).__name__)
+        raise RetrofitError(f"cannot take the last {layers} blocks: {arch} has {len(model.blocks)}.")
+    if layers is not None and not isinstance(layers, int):
+        block_indices(model, layers)
 
 
 def patch_features(

@@ -24,7 +24,7 @@ from .backbones import load_backbone
 from .cache import TargetCache
 from .errors import RetrofitError
 from .export import export
-from .features import patch_features, patch_size
+from .features import block_indices, patch_features, patch_size
 from .metrics import outlier_mask
 from .surgery import RegisterInit, add_registers, check_supported
 from .targets import DenoisedTargets, Targets, TargetSettings, crop_center
@@ -179,8 +179,7 @@ class RetrofitModule(L.LightningModule):
         self._check_settings()
         self.teacher = self._load_teacher(backbone, checkpoint, model_kwargs or {})
         self.student = self._build_student()
-        depth = len(self.teacher.blocks)
-        self.loss_layers = tuple(sorted({i % depth for i in loss_layers or ()}))
+        self.loss_layers = block_indices(self.teacher, loss_layers or ())
         self.targets = DenoisedTargets(self.teacher, settings, layers=self.loss_layers, seed=seed)
         self.margin = 0  # patches of real pixels around the student's window; set from the data in setup()
         self._cache: TargetCache | None = None

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import RetrofitError
-from .features import dynamic_input, forward_tokens, grid_size, patch_size
+from .features import block_indices, dynamic_input, forward_tokens, grid_size, patch_size
 from .metrics import norm_outliers
 from .surgery import check_supported
 
@@ -199,15 +199,6 @@ class _Average:
             self.total / self.count.clamp(min=1)[..., None],
         )
         return mean, torch.where(has_clean, self.clean_count, self.count)
-
-
-def block_indices(model: nn.Module, layers: Sequence[int]) -> tuple[int, ...]:
-    """Sorted, distinct, non-negative block indices (negative ones count from the end)."""
-    depth = len(model.blocks)
-    bad = [i for i in layers if not -depth <= i < depth]
-    if bad:
-        raise RetrofitError(f"layers {bad} are out of range for a {depth}-block model: use -{depth}..{depth - 1}.")
-    return tuple(sorted({i % depth for i in layers}))
 
 
 def _check_views(views: Views, batch: int, grid: tuple[int, int]) -> None:

@@ -89,3 +89,14 @@ def test_without_out_dir_writes_nothing_and_bad_input_is_one_line(tmp_path):
         diagnose(model, torch.randn(2, 3, 32, 32), names=["x"])
     with pytest.raises(RetrofitError, match=r"\(N, 3, H, W\)"):
         diagnose(model, torch.randn(3, 32, 32))
+
+
+def test_layers_in_any_order_get_their_own_numbers():
+    model = perturb_(timm.create_model("test_vit", pretrained=False, img_size=32)).eval()
+    images = torch.randn(2, 3, 32, 32)
+    ordered = diagnose(model, images, layers=[0, 5], norm=False)["models"][0]["layers"]
+    shuffled = diagnose(model, images, layers=[5, 0, -6], norm=False)["models"][0]["layers"]
+    assert shuffled == ordered and [e["layer"] for e in ordered] == [0, 5]
+    with torch.no_grad():
+        first = patch_features(model, images, layers=[0], norm=False)[0]
+    assert ordered[0]["max"] == pytest.approx(first.norm(dim=-1).max().item(), rel=1e-5)

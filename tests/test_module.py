@@ -218,3 +218,8 @@ def test_cache_with_random_crops_is_refused_before_training(tmp_path):
     with pytest.raises(RetrofitError, match="set data.random_crop false"):
         trainer(2).fit(module, datamodule=data(shuffle=True))
     assert not (tmp_path / "cache").exists()
+
+
+def test_loss_layer_out_of_range_is_an_error():
+    with pytest.raises(RetrofitError, match="layer 7 does not exist"):
+        RetrofitModule(vit(), loss_layers=[7])
