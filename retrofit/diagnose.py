@@ -30,7 +30,7 @@ from .maps import (
     plot_maps,
     save_figure,
 )
-from .metrics import OutlierFraction, PatchNormStats, PositionLeakage, outlier_mask, token_norms
+from .metrics import OutlierFraction, PatchNormStats, PositionLeakage, outlier_masks, token_norms
 from .surgery import count_registers, has_class_token
 
 REPORT_NAME = "diagnose.json"
@@ -58,15 +58,15 @@ def _batch_starts(n: int, batch_size: int, description: str, progress: bool) -> 
     return track(range(0, n, batch_size), description=description, disable=not progress, transient=True)
 
 
-def _image_stats(name: str, grid: Tensor, k: float, threshold: float | None) -> dict[str, Any]:
-    norms = token_norms(grid[None])[0]
-    return {
-        "image": name,
-        "median_norm": norms.median().item(),
-        "max_norm": norms.max().item(),
-        "high": outlier_mask(grid[None], k, threshold).float().mean().item(),
-        "low": outlier_mask(grid[None], k, low=True).float().mean().item(),
-    }
+def _image_stats(names: Sequence[str], grid: Tensor, k: float, threshold: float | None) -> list[dict[str, Any]]:
+    """Last-layer numbers of each image in a batch grid (B, H, W, D)."""
+    norms = token_norms(grid).flatten(1)
+    high, low = outlier_masks(norms, k, threshold)
+    return [
+        {"image": name, "median_norm": n.median().item(), "max_norm": n.max().item(),
+         "high": h.float().mean().item(), "low": lo.float().mean().item()}
+        for name, n, h, lo in zip(names, norms, high, low, strict=True)
+    ]
 
 
 def _model_summary(
@@ -87,7 +87,7 @@ def _model_summary(
         outliers.update(grids)
         leakage.update(grids[-1])
         batch_names = names[start:start + len(batch)]
-        per_image += [_image_stats(n, g, k, threshold) for n, g in zip(batch_names, grids[-1], strict=True)]
+        per_image += _image_stats(batch_names, grids[-1], k, threshold)
     values = {**stats.compute(), **outliers.compute()}
     return {
         "label": label,

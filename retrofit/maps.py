@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .errors import RetrofitError
 from .features import forward_tokens, grid_size, patch_features
 from .images import data_config
-from .metrics import outlier_cuts, outlier_mask, quantile, token_norms
+from .metrics import outlier_cuts, quantile, token_norms
 from .surgery import check_supported, has_class_token
 
 ATTENTION_CLASSES: tuple[type[nn.Module], ...] = (Attention, AttentionRope, EvaAttention)
@@ -167,8 +167,9 @@ def compute_maps(model: nn.Module, images: Tensor, k: float = 3.0, threshold: fl
     with inference(model):
         features = patch_features(model, images)
         attention = cls_attention(model, images).cpu() if has_class_token(model) else None
-    norms, outliers, pca = token_norms(features).cpu(), outlier_mask(features, k, threshold).cpu(), pca_rgb(features)
+    norms, pca = token_norms(features).cpu(), pca_rgb(features)
     cuts, _ = outlier_cuts(norms.flatten(1), k, threshold)
+    outliers = norms > cuts[..., None]
     return [
         ImageMaps(norms[i], outliers[i], cuts[i].item(), pca[i].cpu(), None if attention is None else attention[i])
         for i in range(len(images))

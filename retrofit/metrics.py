@@ -62,12 +62,12 @@ def outlier_cuts(
     return high, median / k
 
 
-def norm_outliers(
-    norms: Tensor, k: float = 3.0, threshold: float | None = None, low: bool = False, valid: Tensor | None = None
-) -> Tensor:
-    """Outlier flags for token norms (..., N) by :func:`outlier_cuts`: the rule behind :func:`outlier_mask`."""
-    high, low_cut = outlier_cuts(norms, k, threshold, valid)
-    return norms < low_cut if low else norms > high
+def outlier_masks(
+    norms: Tensor, k: float = 3.0, threshold: float | None = None, valid: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(high-norm, low-norm) outlier flags for token norms (..., N) by :func:`outlier_cuts`, one median per row."""
+    high, low = outlier_cuts(norms, k, threshold, valid)
+    return norms > high, norms < low
 
 
 def outlier_mask(grid: Tensor, k: float = 3.0, threshold: float | None = None, low: bool = False) -> Tensor:
@@ -78,7 +78,7 @@ def outlier_mask(grid: Tensor, k: float = 3.0, threshold: float | None = None, l
     the low-norm artifacts of CLIP-style models (``threshold`` does not apply to those).
     """
     norms = token_norms(grid)
-    return norm_outliers(norms.flatten(1), k, threshold, low).view_as(norms)
+    return outlier_masks(norms.flatten(1), k, threshold)[int(low)].view_as(norms)
 
 
 def patch_cosine(features: Tensor, reference: Tensor) -> Tensor:
@@ -182,8 +182,9 @@ class OutlierFraction(_LayeredMetric):
     def update(self, grids: Grids) -> None:
         grids = self._grids(grids)
         for i, grid in enumerate(grids):
-            self.high[i] += outlier_mask(grid, self.k, self.threshold).sum()
-            self.low[i] += outlier_mask(grid, self.k, low=True).sum()
+            high, low = outlier_masks(token_norms(grid).flatten(1), self.k, self.threshold)
+            self.high[i] += high.sum()
+            self.low[i] += low.sum()
         self.tokens += grids[0].shape[:3].numel()
 
     def compute(self) -> dict[str, Tensor]:

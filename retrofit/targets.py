@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .errors import RetrofitError
 from .features import block_indices, dynamic_input, forward_tokens, grid_size, patch_size
-from .metrics import norm_outliers
+from .metrics import outlier_masks
 from .surgery import check_supported
 
 # Bump when the way targets are computed changes, so caches made by older code are never read.
@@ -124,7 +124,8 @@ def crop_center(images: Tensor, margin_px: int) -> Tensor:
 
 def _outliers(norms: Tensor, k: float, valid: Tensor | None = None) -> Tensor:
     """High- and low-norm outliers of each row (one view), the median taken over its real tokens."""
-    return norm_outliers(norms, k, valid=valid) | norm_outliers(norms, k, low=True, valid=valid)
+    high, low = outlier_masks(norms, k, valid=valid)
+    return high | low
 
 
 def farthest_point_offsets(
