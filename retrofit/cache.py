@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from torch import Tensor, nn
 
 from .errors import RetrofitError
 from .features import block_indices, grid_size, patch_size
+from .files import write_atomic
 from .targets import DEFAULT_SETTINGS, DenoisedTargets, Targets, TargetSettings, crop_center
 
 FP16_MAX = torch.finfo(torch.float16).max
@@ -40,19 +39,6 @@ def teacher_fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
-
-
-def _write_atomic(path: Path, write: Callable[[str], object]) -> None:
-    """Write through ``write(tmp_path)`` to a temporary sibling, then rename: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _storage(t: Tensor) -> Tensor:
@@ -98,7 +84,7 @@ class TargetCache:
         info_file = self.dir / "info.json"
         if not info_file.is_file():  # for people looking at the directory
             text = json.dumps({**info, "settings_fields": asdict(settings)}, indent=2, sort_keys=True)
-            _write_atomic(info_file, lambda tmp: Path(tmp).write_text(text))
+            write_atomic(info_file, lambda tmp: Path(tmp).write_text(text))
 
     def path(self, key: str) -> Path:
         """Where the entry for an image key lives (hashed: keys may be paths or any string)."""
@@ -122,7 +108,7 @@ class TargetCache:
         return entry
 
     def _write(self, key: str, entry: Entry) -> None:
-        _write_atomic(self.path(key), lambda tmp: save_file(entry, tmp, metadata={"key": key}))
+        write_atomic(self.path(key), lambda tmp: save_file(entry, tmp, metadata={"key": key}))
 
     def _entries(self, keys: Sequence[str], targets: Targets) -> list[Entry]:
         if len(keys) != len(targets.features):

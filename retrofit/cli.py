@@ -35,9 +35,10 @@ from .backbones import load_backbone
 from .callbacks import RegisterExport
 from .data import RetrofitDataModule
 from .demo import run_demo
-from .diagnose import REPORT_NAME, diagnose, render_table, write_json
+from .diagnose import REPORT_NAME, diagnose, render_table
 from .errors import RetrofitError
 from .evaluate import box_dataset, evaluate_lost, evaluate_probe, mask_dataset
+from .files import write_json
 from .images import list_images, load_images
 from .module import RetrofitModule
 
@@ -203,7 +204,6 @@ def _result_table(title: str, values: dict[str, Any]) -> Table:
 def _report(title: str, result: dict[str, Any], out: str | None, shown: Sequence[str]) -> dict[str, Any]:
     console.print(_result_table(title, {k: result[k] for k in shown}))
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
         console.print(f"wrote {write_json(result, out)}")
     return result
 

@@ -23,9 +23,10 @@ from rich.table import Table
 from torch import nn
 
 from .api import retrofit
-from .diagnose import diagnose, write_json
+from .diagnose import diagnose
 from .errors import RetrofitError
 from .features import patch_features
+from .files import write_json
 from .images import data_config
 from .maps import inference
 from .metrics import outlier_mask, patch_cosine

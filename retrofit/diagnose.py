@@ -6,8 +6,6 @@ writes), so the CLI, notebooks and benchmarks all read the same numbers.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -19,6 +17,7 @@ from torch import Tensor, nn
 
 from .errors import RetrofitError
 from .features import block_indices, patch_features
+from .files import write_json
 from .maps import (
     NO_CLS_NOTE,
     ImageMaps,
@@ -150,15 +149,6 @@ def _write_figures(
                 "maps": {label: _figure_data(maps[label][i]) for label, _ in models},
             })
     return entries
-
-
-def write_json(data: Any, path: str | Path) -> Path:
-    """JSON through a temporary file and a rename: an existing report is replaced whole or not at all."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-    return path
 
 
 def diagnose(

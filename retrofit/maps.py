@@ -7,7 +7,6 @@ Figures use matplotlib's object API on the Agg canvas (no pyplot, no display, no
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 
 from .errors import RetrofitError
 from .features import forward_tokens, grid_size, patch_features
+from .files import write_atomic
 from .images import data_config
 from .metrics import outlier_cuts, quantile, token_norms
 from .surgery import check_supported, has_class_token
@@ -270,9 +270,5 @@ def figure_array(fig: Figure) -> np.ndarray:
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write a PNG through a temporary file and a rename, so a reader never sees half an image."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     FigureCanvasAgg(fig)
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
