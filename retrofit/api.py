@@ -91,6 +91,7 @@ def retrofit(
     trainer = L.Trainer(max_steps=max_steps, precision=precision, accelerator=accelerator, devices=devices,
                         strategy=strategy, callbacks=callbacks, **trainer_kw)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    model = module.export_model()
     if out_dir is not None and trainer.is_global_zero:
-        module.export(out_dir, overwrite=overwrite)
-    return module.export_model()
+        module.export(out_dir, overwrite=overwrite, model=model)
+    return model

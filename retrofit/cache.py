@@ -43,10 +43,10 @@ def teacher_fingerprint(model: nn.Module) -> str:
 
 def _storage(t: Tensor) -> Tensor:
     """fp16 for features (half the disk); float32 only if a value would overflow fp16."""
-    t = t.detach().cpu()
-    if not t.is_floating_point():
-        return t.contiguous()
-    return (t.half() if t.abs().max() <= FP16_MAX else t.float()).contiguous()
+    t = t.detach()  # cast on the tensor's own device: half the bytes to move to the host
+    if t.is_floating_point():
+        t = t.half() if t.abs().max() <= FP16_MAX else t.float()
+    return t.cpu().contiguous()
 
 
 class TargetCache:

@@ -26,12 +26,8 @@ from .export import export
 from .features import patch_features, patch_size
 from .maps import compute_maps, display_rgb, figure_array, inference, plot_maps, save_figure
 from .metrics import FeatureFidelity, OutlierFraction, PatchNormStats
+from .surgery import timm_model
 from .targets import crop_center
-
-
-def timm_model(model: nn.Module) -> nn.Module:
-    """The timm ViT inside a peft wrapper (LoRA adapters stay active), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _batch_images(batch: Any, key: str) -> Tensor:

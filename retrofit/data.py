@@ -38,7 +38,6 @@ _TENSOR_SOURCE = "<tensor>"  # set by RetrofitDataModule.from_tensor only
 MAX_REPLACEMENTS = 16  # unreadable images in a row before a map-style item gives up
 STREAM_SHUFFLE_BUFFER = 1000
 SHOWN_PATHS = 5  # unreadable images named in the final report
-_DEFAULTS = data_config(nn.Identity())  # ImageNet mean/std until configure_for names the backbone's
 
 Item = dict[str, Any]
 
@@ -71,17 +70,15 @@ class CropTransform:
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         image = TF.resize(image, [self.resize], interpolation=self.interpolation, antialias=True)
-        (top, left), c = self._corner(*image.shape[-2:], generator), self.crop
-        image = image[..., top : top + c, left : left + c]
+        c = self.crop
+        if self.random:
+            top, left = (int(torch.randint(n - c + 1, (1,), generator=generator)) for n in image.shape[-2:])
+            image = image[..., top : top + c, left : left + c]
+        else:  # torchvision's own centre crop, so margin 0 equals images.eval_transform
+            image = TF.center_crop(image, [c, c])
         if image.dtype == torch.uint8:
             return TF.normalize(TF.to_dtype(image, torch.float32, scale=True), list(self.mean), list(self.std))
         return image.float().contiguous()
-
-    def _corner(self, height: int, width: int, generator: torch.Generator) -> tuple[int, int]:
-        if not self.random:  # torchvision's CenterCrop rounding, so margin 0 equals images.eval_transform
-            return round((height - self.crop) / 2), round((width - self.crop) / 2)
-        top, left = (int(torch.randint(n - self.crop + 1, (1,), generator=generator)) for n in (height, width))
-        return top, left
 
 
 class _PathReader:
@@ -420,14 +417,15 @@ class RetrofitDataModule(L.LightningDataModule):
         self._check_img_size(self.patch_size)
         margin = self.margin * self.patch_size
         crop = self.img_size + 2 * margin
+        defaults = data_config(nn.Identity())  # ImageNet values until configure_for names the backbone's
         return CropTransform(
             size=self.img_size,
             margin=margin,
             resize=max(round(self.img_size / self.crop_pct), crop),
             random=self.random_crop,
-            interpolation=interpolation_mode(self.interpolation or "bicubic"),
-            mean=tuple(self.mean or _DEFAULTS["mean"]),
-            std=tuple(self.std or _DEFAULTS["std"]),
+            interpolation=interpolation_mode(self.interpolation or defaults["interpolation"]),
+            mean=tuple(self.mean or defaults["mean"]),
+            std=tuple(self.std or defaults["std"]),
         )
 
     # ---- sources ----------------------------------------------------------------------------------

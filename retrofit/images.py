@@ -13,6 +13,8 @@ from torchvision.transforms import v2
 
 from .errors import RetrofitError
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's default when a pretrained_cfg names none
+IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
@@ -40,8 +42,8 @@ def data_config(model: nn.Module) -> dict[str, Any]:
     """Mean, std and interpolation of the backbone, from its timm ``pretrained_cfg``."""
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     return {
-        "mean": tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-        "std": tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+        "mean": tuple(cfg.get("mean", IMAGENET_MEAN)),
+        "std": tuple(cfg.get("std", IMAGENET_STD)),
         "interpolation": cfg.get("interpolation", "bicubic"),
     }
 

@@ -26,7 +26,7 @@ from .errors import RetrofitError
 from .export import export
 from .features import block_indices, patch_features, patch_size
 from .metrics import outlier_mask
-from .surgery import RegisterInit, add_registers, check_supported
+from .surgery import RegisterInit, add_registers, check_supported, timm_model
 from .targets import DenoisedTargets, Targets, TargetSettings, crop_center
 
 FreezePreset = Literal["phreg", "last-k", "lora", "full"]
@@ -227,7 +227,7 @@ class RetrofitModule(L.LightningModule):
     @property
     def student_vit(self) -> nn.Module:
         """The student as a timm model (inside the peft wrapper for LoRA; adapters act in place)."""
-        return self.student.get_base_model() if isinstance(self.student, PeftModel) else self.student
+        return timm_model(self.student)
 
     def train(self, mode: bool = True) -> RetrofitModule:
         """Lightning switches every submodule to train mode at fit start; the teacher stays in eval."""
@@ -340,12 +340,14 @@ class RetrofitModule(L.LightningModule):
         model.set_grad_checkpointing(False)  # a training-time choice, not part of the exported model
         return model.requires_grad_(True).eval()
 
-    def export(self, out_dir: str | Path, overwrite: bool = False, **metadata: Any) -> Path:
-        """Write the exported model with :func:`retrofit.export` (atomic, timm-native).
+    def export(
+        self, out_dir: str | Path, overwrite: bool = False, model: nn.Module | None = None, **metadata: Any
+    ) -> Path:
+        """Write ``model`` (default: :meth:`export_model`) with :func:`retrofit.export` (atomic, timm-native).
 
         config.json records the backbone, the freeze preset and the trainer's step; ``metadata`` overrides
         or adds to them (e.g. the step of a checkpoint exported outside a Trainer).
         """
         backbone = self.hparams.get("backbone") or self.teacher.pretrained_cfg["architecture"]
         info = {"backbone": str(backbone), "freeze": self.hparams.freeze, "step": int(self.global_step), **metadata}
-        return export(self.export_model(), out_dir, overwrite=overwrite, **info)
+        return export(model or self.export_model(), out_dir, overwrite=overwrite, **info)

@@ -47,6 +47,11 @@ def count_registers(model: nn.Module) -> int:
     return 0 if reg is None else int(reg.shape[1])
 
 
+def timm_model(model: nn.Module) -> nn.Module:
+    """The timm ViT inside a peft wrapper (LoRA adapters stay active), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def has_class_token(model: nn.Module) -> bool:
     return getattr(model, "cls_token", None) is not None
 

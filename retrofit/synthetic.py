@@ -32,14 +32,13 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+from torchvision.transforms.v2 import functional as TF
 
 from .errors import RetrofitError
 from .features import patch_features, patch_size
-from .images import data_config
+from .images import IMAGENET_MEAN, IMAGENET_STD, data_config
 from .surgery import check_supported
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _TEXTURE = 2.0  # texture readout of a typical textured patch, in units of the token's std
 _GATE = 3.0  # gate penalty off the sites, same units
 _THRESHOLD = 0.5  # the unit fires below this gate value
@@ -87,9 +86,7 @@ def synthetic_images(
     for j in range(3):
         mask = _object_masks(n, size, g) & (count > j)
         images = torch.where(mask, _textures(n, size, g), images)
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
-    return (images - m) / s
+    return TF.normalize(images, list(mean), list(std))
 
 
 def _flat_filters(count: int, channels: int, p: int, g: torch.Generator) -> torch.Tensor:
@@ -162,10 +159,10 @@ def _read(norm: nn.LayerNorm, direction: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def _set_unit(mlp: nn.Module, unit: int, row: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> None:
-    with torch.no_grad():
-        mlp.fc1.weight[unit] = row
-        mlp.fc1.bias[unit] = bias
-        mlp.fc2.weight[:, unit] = out
+    """Hidden unit ``unit`` reads ``row . x + bias`` and writes ``out`` (callers hold no_grad)."""
+    mlp.fc1.weight[unit] = row
+    mlp.fc1.bias[unit] = bias
+    mlp.fc2.weight[:, unit] = out
 
 
 @contextmanager
@@ -258,8 +255,7 @@ def plant_artifacts(
     ref = next(model.parameters())
     planted = copy.deepcopy(model).float().cpu().eval()
     dim, p = planted.embed_dim, patch_size(planted)[0]
-    grid = tuple(planted.patch_embed.grid_size)
-    size = (grid[0] * p, grid[1] * p)
+    grid, size = tuple(planted.patch_embed.grid_size), tuple(planted.patch_embed.img_size)
     if images is None:
         cfg = data_config(planted)
         images = synthetic_images(16, size[0], seed=seed, mean=cfg["mean"], std=cfg["std"])
