@@ -64,8 +64,9 @@ def _last_attention(model: nn.Module) -> nn.Module:
     return attn
 
 
-def _attention_input(model: nn.Module, attn: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | None]:
-    """What the last attention layer receives in an ordinary forward: its tokens and Eva's rope, if any."""
+def _attention_input(model: nn.Module, attn: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    """What the last attention layer receives in an ordinary forward (its tokens and Eva's rope, if any),
+    and the forward's final tokens."""
     captured: dict[str, Tensor | None] = {}
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -74,10 +75,10 @@ def _attention_input(model: nn.Module, attn: nn.Module, images: Tensor) -> tuple
 
     handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        forward_tokens(model, images)
+        tokens = forward_tokens(model, images)
     finally:
         handle.remove()
-    return captured["x"], captured["rope"]
+    return captured["x"], captured["rope"], tokens
 
 
 def _project_qk(attn: nn.Module, x: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -110,10 +111,22 @@ def last_block_qk(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
     Eva's rotary embedding applied as the block applies them. Runs in eval mode without gradients.
     LOST uses the keys; the CLS attention is ``softmax(scale * q_cls @ k.T)``.
     """
+    q, k, _ = _forward_with_qk(model, images)
+    return q, k
+
+
+def _forward_with_qk(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward: the last block's queries and keys, and the final tokens."""
     attn = _last_attention(model)
     with inference(model):
-        x, rope = _attention_input(model, attn, images.to(model_device(model)))
-        return _project_qk(attn, x, rope)
+        x, rope, tokens = _attention_input(model, attn, images.to(model_device(model)))
+        q, k = _project_qk(attn, x, rope)
+    return q, k, tokens
+
+
+def _cls_probs(model: nn.Module, q: Tensor, k: Tensor, grid: tuple[int, int]) -> Tensor:
+    probs = (q[:, :, :1] * _last_attention(model).scale @ k.transpose(-2, -1)).softmax(dim=-1)
+    return probs[:, :, 0, model.num_prefix_tokens:].reshape(q.shape[0], q.shape[1], *grid)
 
 
 def cls_attention(model: nn.Module, images: Tensor) -> Tensor:
@@ -123,10 +136,8 @@ def cls_attention(model: nn.Module, images: Tensor) -> Tensor:
     """
     if not has_class_token(model):
         raise RetrofitError(f"this model has {NO_CLS_NOTE}: use norm or PCA maps instead.")
-    gh, gw = grid_size(model, *images.shape[-2:])
-    q, k = last_block_qk(model, images)
-    probs = (q[:, :, :1] * _last_attention(model).scale @ k.transpose(-2, -1)).softmax(dim=-1)
-    return probs[:, :, 0, model.num_prefix_tokens:].reshape(q.shape[0], q.shape[1], gh, gw)
+    q, k, _ = _forward_with_qk(model, images)
+    return _cls_probs(model, q, k, grid_size(model, *images.shape[-2:]))
 
 
 def pca_rgb(grid: Tensor) -> Tensor:
@@ -164,9 +175,15 @@ class ImageMaps:
 def compute_maps(model: nn.Module, images: Tensor, k: float = 3.0, threshold: float | None = None) -> list[ImageMaps]:
     """Maps of the final patch features of ``images`` (B, 3, H, W), one :class:`ImageMaps` per image."""
     images = images.to(model_device(model))
-    with inference(model):
-        features = patch_features(model, images)
-        attention = cls_attention(model, images).cpu() if has_class_token(model) else None
+    grid = grid_size(model, *images.shape[-2:])
+    if has_class_token(model):  # one forward gives both the features and the attention
+        queries, keys, tokens = _forward_with_qk(model, images)
+        features = tokens[:, model.num_prefix_tokens:].reshape(len(images), *grid, -1)
+        attention = _cls_probs(model, queries, keys, grid).cpu()
+    else:
+        with inference(model):
+            features = patch_features(model, images)
+        attention = None
     norms, pca = token_norms(features).cpu(), pca_rgb(features)
     cuts, _ = outlier_cuts(norms.flatten(1), k, threshold)
     outliers = norms > cuts[..., None]
