@@ -12,6 +12,7 @@ from torch import nn
 
 from .data import RetrofitDataModule
 from .errors import RetrofitError
+from .features import square_size
 from .module import RetrofitModule
 
 _TARGETS = (RetrofitModule, RetrofitDataModule, L.Trainer)
@@ -84,7 +85,7 @@ def retrofit(
     """
     module_kw, data_kw, trainer_kw = _route(settings)
     module = RetrofitModule(backbone, num_registers=num_registers, **module_kw)
-    dm = _data_module(data, data_kw, img_size=int(module.teacher.patch_embed.img_size[0]))
+    dm = _data_module(data, data_kw, img_size=square_size(module.teacher))
     if precision is None:
         precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     trainer_kw = {"logger": False, "enable_checkpointing": False, **trainer_kw}

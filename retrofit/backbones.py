@@ -95,6 +95,7 @@ def _check_name(name: str) -> None:
 def load_backbone(
     spec: str | Path,
     checkpoint: str | Path | None = None,
+    pretrained: bool = True,
     **model_kwargs: Any,
 ) -> nn.Module:
     """Build the ViT to retrofit, in eval mode.
@@ -103,7 +104,9 @@ def load_backbone(
     names, or a directory written by :func:`retrofit.export`. With ``checkpoint`` the name only
     picks the architecture and the weights come from that local file (``.safetensors``, ``.pth``,
     ``.bin``; DINOv2, OpenAI CLIP and HF key layouts are converted by timm's filter functions).
-    ``model_kwargs`` go to ``timm.create_model`` (e.g. ``img_size``, ``dynamic_img_size``).
+    ``pretrained=False`` gives a timm name's bare architecture (no download, no checkpoint), e.g. to
+    rebuild a model whose weights come from elsewhere. ``model_kwargs`` go to ``timm.create_model``
+    (e.g. ``img_size``, ``dynamic_img_size``).
     """
     spec = str(spec)
     if is_export_dir(spec):
@@ -119,6 +122,8 @@ def load_backbone(
     # Build the architecture first so an unsupported class fails before any download.
     model = timm.create_model(spec, pretrained=False, **model_kwargs)
     check_supported(model)
+    if not pretrained:
+        return model.eval()
     if checkpoint is not None:
         return load_checkpoint(model, checkpoint).eval()
     try:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
 import docstring_parser
-import timm
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.pytorch.callbacks import RichProgressBar
@@ -28,7 +27,6 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
-from torch import nn
 
 from . import __version__
 from .backbones import load_backbone
@@ -38,6 +36,7 @@ from .demo import run_demo
 from .diagnose import REPORT_NAME, diagnose, render_table
 from .errors import RetrofitError
 from .evaluate import box_dataset, evaluate_lost, evaluate_probe, mask_dataset
+from .features import square_size
 from .files import write_json
 from .images import list_images, load_images
 from .module import RetrofitModule
@@ -180,7 +179,7 @@ def diagnose_command(
     first = load_backbone(model, checkpoint)
     second = None if compare is None else load_backbone(compare, compare_checkpoint)
     paths = list_images(images)[:max_images]
-    size = img_size or min(first.patch_embed.img_size)
+    size = square_size(first, img_size)
     batch = load_images(paths, size, first)
     labels = (_label(model), _label(compare or ""))
     labels = labels if compare is None or labels[0] != labels[1] else ("model", "compare")
@@ -277,13 +276,6 @@ def eval_probe_command(
 # ---- export -------------------------------------------------------------------------------------------
 
 
-def _architecture(spec: str, model_kwargs: dict[str, Any]) -> nn.Module:
-    """The backbone's architecture for rebuilding a student; weights come from the checkpoint, not the hub."""
-    if timm.is_model(spec):
-        return timm.create_model(spec, pretrained=False, **model_kwargs)
-    return load_backbone(spec, **model_kwargs)
-
-
 def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint written by ``fit`` (weights-only load: no code in it runs)."""
     path = Path(path)
@@ -311,16 +303,15 @@ def module_from_checkpoint(path: str | Path, backbone: str | None = None) -> tup
     spec = backbone or hp.get("backbone")
     if not isinstance(spec, str):
         raise RetrofitError(f"{path} does not name its backbone (trained from a Python model): pass --backbone NAME.")
-    accepted = set(inspect.signature(RetrofitModule).parameters) - {"backbone", "checkpoint", "model_kwargs"}
-    module = RetrofitModule(_architecture(spec, hp.get("model_kwargs") or {}),
-                            **{k: v for k, v in hp.items() if k in accepted})
-    student = {k.removeprefix("student."): v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
-    result = module.student.load_state_dict(student, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    architecture = load_backbone(spec, pretrained=False, **(hp.get("model_kwargs") or {}))
+    try:
+        module = RetrofitModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, backbone=architecture)
+    except RuntimeError as e:  # load_state_dict's size mismatch / missing keys
         raise RetrofitError(
-            f"{path} does not fit a {spec} student with these settings (missing {result.missing_keys[:3]}, "
-            f"unexpected {result.unexpected_keys[:3]}): pass the --backbone it was trained from."
-        )
+            f"{path} does not fit a {spec} student with these settings ({str(e).splitlines()[0][:120]}): "
+            "pass the --backbone it was trained from."
+        ) from e
+    module.hparams["backbone"] = spec  # the export records where it came from
     return module, ckpt
 
 
@@ -335,7 +326,7 @@ def export_command(checkpoint: str, out: str, backbone: str | None = None, overw
     """
     module, ckpt = module_from_checkpoint(checkpoint, backbone)
     step = int(ckpt.get("global_step", 0))
-    path = module.export(out, overwrite=overwrite, backbone=backbone or ckpt["hyper_parameters"]["backbone"], step=step)
+    path = module.export(out, overwrite=overwrite, step=step)
     console.print(f"exported {path} ({module.hparams.num_registers} registers, step {step})")
     return path
 
@@ -381,7 +372,7 @@ def trainable_parameters(config: Namespace) -> tuple[int, int]:
     model = config.model
     settings = {k: v for k, v in model.as_dict().items() if k not in ("backbone", "checkpoint", "model_kwargs")}
     with torch.device("meta"):
-        arch = timm.create_model(model.backbone, pretrained=False, **{"num_classes": 0, **(model.model_kwargs or {})})
+        arch = load_backbone(model.backbone, pretrained=False, **{"num_classes": 0, **(model.model_kwargs or {})})
         student = RetrofitModule(arch, **settings).student
     params = list(student.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

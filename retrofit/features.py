@@ -29,6 +29,13 @@ def grid_size(model: nn.Module, height: int, width: int) -> tuple[int, int]:
     return height // ph, width // pw
 
 
+def square_size(model: nn.Module, img_size: int | None = None) -> int:
+    """A square input side: ``img_size`` or the model's own (the smaller side); the patch must divide it."""
+    size = int(img_size or min(model.patch_embed.img_size))
+    grid_size(model, size, size)
+    return size
+
+
 @contextmanager
 def dynamic_input(model: nn.Module, size: Sequence[int]) -> Iterator[None]:
     """Let a fixed-size timm ViT run at another resolution for the duration of the block.

@@ -83,6 +83,16 @@ def test_export_of_checkpoint_equals_fit_export(fitted: Path, workspace: dict[st
     assert main(["export", str(ckpt), "--out", str(out)]) == 1  # existing output kept without --overwrite
 
 
+def test_export_with_the_wrong_backbone_is_one_line(fitted: Path, workspace: dict[str, Path],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = next((fitted / "checkpoints").glob("*.ckpt"))
+    out = workspace["root"] / "wrong"
+    assert main(["export", str(ckpt), "--out", str(out), "--backbone", "deit3_small_patch16_224"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit a deit3_small_patch16_224 student" in err[0]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("extra", "field"),
     [

@@ -35,7 +35,6 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 
 from ..errors import RetrofitError
-from ..features import grid_size
 from ..images import data_config, eval_transform, list_images, open_rgb
 
 BoxFormat = Literal["xyxy", "xywh"]
@@ -102,13 +101,6 @@ def mask_dataset(
     if masks is not None:
         return _folder_masks(Path(spec), Path(masks))
     return _hf_dataset(spec, split, image_column, mask_column, _mask)
-
-
-def resolve_size(model: nn.Module, img_size: int | None) -> int:
-    """The square evaluation size: ``img_size`` or the model's own input size; the patch must divide it."""
-    size = int(img_size or min(model.patch_embed.img_size))
-    grid_size(model, size, size)
-    return size
 
 
 def batches(

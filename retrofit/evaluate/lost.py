@@ -19,9 +19,9 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from ..errors import RetrofitError
-from ..features import grid_size, patch_size
+from ..features import grid_size, patch_size, square_size
 from ..maps import last_block_qk
-from .datasets import EvalDataset, batches, box_dataset, resolve_size
+from .datasets import EvalDataset, batches, box_dataset
 
 Box = tuple[float, float, float, float]
 HIT_IOU = 0.5
@@ -93,7 +93,7 @@ def evaluate_lost(
     ``n`` (scored images), ``skipped`` and ``per_image`` entries ``{key, box, iou, hit}``.
     """
     data = dataset if isinstance(dataset, EvalDataset) else box_dataset(dataset)
-    size = resolve_size(model, img_size)
+    size = square_size(model, img_size)
     per_image, skipped = [], 0
     for keys, images, targets in batches(data, model, size, batch_size, "LOST" if progress else None):
         for key, grid, gt in zip(keys, _patch_keys(model, images), targets, strict=True):

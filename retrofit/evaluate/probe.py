@@ -18,9 +18,9 @@ from torch import nn
 from torchmetrics import JaccardIndex
 
 from ..errors import RetrofitError
-from ..features import patch_features
+from ..features import patch_features, square_size
 from ..maps import inference
-from .datasets import EvalDataset, batches, mask_dataset, resolve_size
+from .datasets import EvalDataset, batches, mask_dataset
 
 IGNORE = 255
 
@@ -113,7 +113,7 @@ def evaluate_probe(
         raise RetrofitError(
             f"need num_classes >= 2, epochs >= 1 and lr > 0, got {num_classes}, {epochs}, {lr}: fix the arguments."
         )
-    size = resolve_size(model, img_size)
+    size = square_size(model, img_size)
     sets = [d if isinstance(d, EvalDataset) else mask_dataset(d) for d in (train, val)]
     (train_x, train_y), (val_x, val_y) = (
         _encode(model, d, size, num_classes, batch_size, f"features ({name})" if progress else None)
