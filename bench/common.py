@@ -19,10 +19,11 @@ from typing import Any
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retrofit.features import grid_size, patch_features, patch_size
+from retrofit.maps import model_device
+from retrofit.metrics import patch_cosine
 from retrofit.module import RetrofitModule
 from retrofit.synthetic import plant_artifacts, synthetic_images
 from retrofit.targets import Targets, Views, crop_center
@@ -46,7 +47,7 @@ def build_teacher(name: str, img_size: int, depth: int | None, artifacts: bool, 
 def make_batch(teacher: nn.Module, n: int, img_size: int, margin: int, seed: int = 0, prefix: str = "img") -> dict:
     """A training batch per the batch contract: images with ``margin`` patches of real pixels, and keys."""
     p = patch_size(teacher)[0]
-    device = next(teacher.parameters()).device
+    device = model_device(teacher)
     images = synthetic_images(n, img_size + 2 * margin * p, seed=seed).to(device)
     return {"image": images, "key": [f"{prefix}-{seed}-{i}" for i in range(n)]}
 
@@ -103,7 +104,7 @@ class Trainee:
     @classmethod
     def build(cls, module_cls: type[RetrofitModule], teacher: nn.Module, margin: int, autocast: bool = False,
               **kwargs: Any) -> Trainee:
-        module = module_cls(teacher, **kwargs).to(next(teacher.parameters()).device)
+        module = module_cls(teacher, **kwargs).to(model_device(teacher))
         module.margin = margin
         optimizer = torch.optim.AdamW(module._param_groups(), lr=module.hparams.lr, betas=(0.9, 0.999))
         return cls(module.train(), optimizer, autocast)
@@ -194,5 +195,5 @@ def spread(times: list[float]) -> str:
 
 def target_quality(targets: Targets, reference: Tensor, artifacts: Tensor) -> tuple[float, float]:
     """Patch cosine of the targets to the artifact-free model's features: all tokens, artifact positions."""
-    cos = F.cosine_similarity(targets.features, reference, dim=-1)
+    cos = patch_cosine(targets.features, reference)
     return cos.mean().item(), (cos[artifacts].mean().item() if artifacts.any() else float("nan"))

@@ -16,8 +16,9 @@ import statistics
 import torch
 from common import Trainee, build_teacher, interleaved, make_batch
 
+from retrofit.features import grid_size
 from retrofit.module import RetrofitModule
-from retrofit.targets import TargetSettings
+from retrofit.targets import DenoisedTargets, TargetSettings
 
 
 def main() -> None:
@@ -41,8 +42,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes:
         teacher = build_teacher(args.model, size, args.depth, True, args.device)
-        grid = size // teacher.patch_embed.patch_size[0]
-        margin = int(TargetSettings().max_shift * grid)
+        grid = grid_size(teacher, size, size)[0]
+        margin = DenoisedTargets(teacher).margin_patches(grid)
         batch = make_batch(teacher, args.batch, size, margin)
         for views in args.views:
             settings = TargetSettings(num_views=views, bf16=args.bf16)

@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from retrofit.features import grid_size, patch_features, patch_size
 from retrofit.metrics import outlier_mask
 from retrofit.module import RetrofitModule
-from retrofit.targets import TargetSettings, crop_center
+from retrofit.targets import DenoisedTargets, TargetSettings, crop_center
 
 # Dense bf16 peak of the GPUs the goal is stated for (NVIDIA datasheets, no sparsity).
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
@@ -65,11 +65,7 @@ def step_flops(trainee: Trainee, batch: dict) -> int:
 
 def quality_row(trainee: Trainee, reference: torch.Tensor, mask: torch.Tensor, batch: dict) -> str:
     """Target cosine to the artifact-free features (all / artifact positions) and the targets' outlier share."""
-    module = trainee.module
-    if isinstance(module, NaiveModule):
-        targets = module._targets(batch["image"], batch["key"])
-    else:
-        targets = module.targets(batch["image"], module.margin)
+    targets = trainee.module._targets(batch["image"], batch["key"])  # the naive loop's, or the engine's
     cos_all, cos_art = target_quality(targets, reference, mask)
     left = outlier_mask(targets.features).float().mean().item()
     return f"{cos_all:.4f} / {cos_art:.4f} / {100 * left:.2f}%"
@@ -125,7 +121,7 @@ def main() -> None:
     teacher = build_teacher(args.model, args.img_size, args.depth, not args.no_artifacts, args.device)
     p = patch_size(teacher)[0]
     grid = grid_size(teacher, args.img_size, args.img_size)
-    margin = int(TargetSettings().max_shift * grid[0])
+    margin = DenoisedTargets(teacher).margin_patches(grid[0])
     batch = make_batch(teacher, args.batch, args.img_size, margin)
     center = crop_center(batch["image"], margin * p)
     clean = teacher if args.no_artifacts else build_teacher(args.model, args.img_size, args.depth, False, args.device)
