@@ -250,6 +250,7 @@ class DenoisedTargets:
         if ph != pw:
             raise RetrofitError(f"denoised targets need square patches, the teacher has {ph}x{pw}: use another model.")
         self.teacher = teacher
+        self.patch = ph
         self.settings = settings
         self.layers = block_indices(teacher, layers)
         self.generator = torch.Generator().manual_seed(seed)
@@ -284,15 +285,16 @@ class DenoisedTargets:
         """
         if images.ndim != 4:
             raise RetrofitError(f"images must be a (B, C, H, W) tensor, got shape {tuple(images.shape)}.")
-        center = crop_center(images, margin * patch_size(self.teacher)[0])
+        ref = next(self.teacher.parameters())
+        images = images.to(device=ref.device, dtype=ref.dtype)
+        center = crop_center(images, margin * self.patch)
         grid = grid_size(self.teacher, *center.shape[-2:])
         views = self.draw_views(len(images), grid) if views is None else views
         _check_views(views, len(images), grid)
         self.teacher.eval()
-        device = next(self.teacher.parameters()).device.type
-        bf16 = torch.autocast(device, torch.bfloat16) if self.settings.bf16 else contextlib.nullcontext()
+        bf16 = torch.autocast(ref.device.type, torch.bfloat16) if self.settings.bf16 else contextlib.nullcontext()
         with torch.inference_mode(), bf16:
-            targets = self._compute(images, margin, views, grid)
+            targets = self._compute(images, center, margin, views, grid)
         # Clone outside inference mode: inference tensors cannot be saved for the student's backward.
         return Targets(
             features=targets.features.clone(),
@@ -325,12 +327,9 @@ class DenoisedTargets:
             clean = shown & ~out.gather(1, index) if self.settings.drop_outlier_views else shown
             average.add(idx, images, aligned, shown, clean)
 
-    def _compute(self, images: Tensor, margin: int, views: Views, grid: tuple[int, int]) -> Targets:
-        s, b, p = self.settings, len(images), patch_size(self.teacher)[0]
-        ref = next(self.teacher.parameters())
-        images = images.to(device=ref.device, dtype=ref.dtype)
-        center = crop_center(images, margin * p).split(s.chunk_size)
-        own = [torch.cat(g) for g in zip(*(self._teacher(c) for c in center), strict=True)]
+    def _compute(self, images: Tensor, center: Tensor, margin: int, views: Views, grid: tuple[int, int]) -> Targets:
+        s, b = self.settings, len(images)
+        own = [torch.cat(g) for g in zip(*(self._teacher(c) for c in center.split(s.chunk_size)), strict=True)]
         own_outliers = [_outliers(g.norm(dim=-1), s.outlier_k) for g in own]
         averages = [_Average(b, grid[0] * grid[1], g.shape[-1], g.device) for g in own]
         self._add(averages, own, own_outliers, views, torch.zeros(b, dtype=torch.long), torch.arange(b), grid)
@@ -352,7 +351,7 @@ class DenoisedTargets:
 
         With ``min_clean_views`` the views go one at a time, each to the images not yet covered.
         """
-        s, p, num = self.settings, patch_size(self.teacher)[0], len(views.offsets)
+        s, p, num = self.settings, self.patch, len(views.offsets)
         pad = max(0, int(views.offsets.abs().max()) - margin)  # patches of fill needed beyond the margin
         source = F.pad(images, [pad * p] * 4) if pad and needy.any() else images
         rounds = [[v] for v in range(1, num)] if s.min_clean_views else [list(range(1, num))]
