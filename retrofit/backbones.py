@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .errors import RetrofitError
+from .errors import RetrofitError, first_line
 from .surgery import check_supported
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -34,8 +34,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any reader failure means the file is unusable; say so in one line
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise RetrofitError(f"checkpoint {path} is corrupt or not a weights file ({reason}): re-download it.") from e
+        raise RetrofitError(
+            f"checkpoint {path} is corrupt or not a weights file ({first_line(e)}): re-download it."
+        ) from e
     for key in ("state_dict", "model", "module", "teacher"):  # common training-checkpoint wrappers
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -60,7 +61,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         except Exception as e:
             raise RetrofitError(
                 f"checkpoint {Path(path).name} does not fit {model.pretrained_cfg['architecture']} "
-                f"({type(e).__name__}: {str(e)[:120]}): pass the model name these weights were trained with."
+                f"({type(e).__name__}: {first_line(e, 120)}): pass the model name these weights were trained with."
             ) from e
     own = model.state_dict()
     mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]

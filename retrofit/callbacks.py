@@ -219,7 +219,6 @@ class NormMapLogger(_ProbeCallback):
         image = figure_array(fig)
         sent = [_log_image(logger, self.tag, image, step) for logger in trainer.loggers]
         if self.out_dir is not None or not any(sent):
-            out_dir.mkdir(parents=True, exist_ok=True)
             self.written.append(save_figure(fig, out_dir / f"{self.tag}_step{step:06d}.png"))
 
 

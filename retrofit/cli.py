@@ -34,7 +34,7 @@ from .callbacks import RegisterExport
 from .data import RetrofitDataModule
 from .demo import run_demo
 from .diagnose import REPORT_NAME, diagnose, render_table
-from .errors import RetrofitError
+from .errors import RetrofitError, first_line
 from .evaluate import box_dataset, evaluate_lost, evaluate_probe, mask_dataset
 from .features import square_size
 from .files import write_json
@@ -308,7 +308,7 @@ def module_from_checkpoint(path: str | Path, backbone: str | None = None) -> tup
         module = RetrofitModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, backbone=architecture)
     except RuntimeError as e:  # load_state_dict's size mismatch / missing keys
         raise RetrofitError(
-            f"{path} does not fit a {spec} student with these settings ({str(e).splitlines()[0][:120]}): "
+            f"{path} does not fit a {spec} student with these settings ({first_line(e, 120)}): "
             "pass the --backbone it was trained from."
         ) from e
     module.hparams["backbone"] = spec  # the export records where it came from

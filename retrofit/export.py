@@ -13,7 +13,7 @@ from torch import nn
 
 from . import __version__
 from .backbones import export_config
-from .errors import RetrofitError
+from .errors import RetrofitError, first_line
 from .surgery import check_supported, count_registers
 
 WEIGHTS_NAME = "model.safetensors"
@@ -57,5 +57,7 @@ def load(path: str | Path, **model_kwargs: Any) -> nn.Module:
     try:
         model = timm.create_model(f"local-dir:{path.resolve()}", pretrained=True, **model_kwargs)
     except Exception as e:
-        raise RetrofitError(f"{path} could not be loaded ({type(e).__name__}: {str(e)[:120]}): export it again.") from e
+        raise RetrofitError(
+            f"{path} could not be loaded ({type(e).__name__}: {first_line(e, 120)}): export it again."
+        ) from e
     return model.eval()

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .backbones import load_backbone
 from .cache import TargetCache
-from .errors import RetrofitError
+from .errors import RetrofitError, first_line
 from .export import export
 from .features import block_indices, patch_features, patch_size
 from .metrics import outlier_mask
@@ -77,7 +77,7 @@ def _add_lora(model: nn.Module, rank: int, alpha: float, dropout: float, seed: i
             return get_peft_model(model, config)
     except ValueError as e:
         raise RetrofitError(
-            f"LoRA found no attn.qkv/attn.proj/mlp.fc1/mlp.fc2 layers in this model ({str(e)[:80]}): "
+            f"LoRA found no attn.qkv/attn.proj/mlp.fc1/mlp.fc2 layers in this model ({first_line(e, 80)}): "
             "use freeze='last-k' or 'full'."
         ) from e
 

@@ -34,7 +34,7 @@ from torch import nn
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
 
-from ..errors import RetrofitError
+from ..errors import RetrofitError, first_line
 from ..images import data_config, eval_transform, list_images, open_rgb
 
 BoxFormat = Literal["xyxy", "xywh"]
@@ -267,7 +267,7 @@ def _root_cause(e: BaseException) -> str:
     """First line of the innermost exception: datasets wraps the useful message in generic ones."""
     while e.__cause__ or e.__context__:
         e = e.__cause__ or e.__context__
-    return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    return first_line(e)
 
 
 def _pick_split(dd: datasets.DatasetDict, split: str | None, spec: str | Path) -> datasets.Dataset:
