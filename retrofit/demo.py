@@ -50,10 +50,8 @@ def _images(n: int, size: int, seed: int, model: nn.Module) -> torch.Tensor:
     return synthetic_images(n, size, seed=seed, mean=cfg["mean"], std=cfg["std"])
 
 
-def score(model: nn.Module, truth: nn.Module, artifacts: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
+def score(features: torch.Tensor, reference: torch.Tensor, artifacts: torch.Tensor) -> dict[str, float]:
     """High-norm outlier fraction and patch cosine to the artifact-free truth (all / artifact positions)."""
-    with inference(model), inference(truth):
-        features, reference = patch_features(model, images), patch_features(truth, images)
     cosine = patch_cosine(features, reference)
     return {
         "outlier_fraction": outlier_mask(features).float().mean().item(),
@@ -106,16 +104,17 @@ def run_demo(
         **TRAINING,
     )
     shutil.rmtree(out / "target_cache", ignore_errors=True)
-    with inference(planted):
-        artifacts = outlier_mask(patch_features(planted, held))
+    with inference(planted), inference(truth), inference(model):
+        before, after, reference = (patch_features(m, held) for m in (planted, model, truth))
+    artifacts = outlier_mask(before)
     diagnose(planted, held, out / "maps", compare=model, labels=LABELS)
     metrics = {
         "note": "synthetic artifacts planted into a random test_vit (retrofit.synthetic); not a pretrained model",
         "steps": steps,
         "training_images": num_images,
         "held_out_images": held_out,
-        "before": score(planted, truth, artifacts, held),
-        "after": score(model, truth, artifacts, held),
+        "before": score(before, reference, artifacts),
+        "after": score(after, reference, artifacts),
         "out_dir": str(out),
         "wall_time_s": time.perf_counter() - start,
     }
