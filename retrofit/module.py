@@ -25,11 +25,11 @@ from .cache import TargetCache
 from .errors import RetrofitError, first_line
 from .export import export
 from .features import block_indices, patch_features, patch_size
-from .metrics import outlier_mask
+from .metrics import artifact_onset, layer_outlier_fractions, outlier_mask
 from .surgery import RegisterInit, add_registers, check_supported, timm_model
 from .targets import DenoisedTargets, Targets, TargetSettings, crop_center
 
-FreezePreset = Literal["phreg", "last-k", "lora", "full"]
+FreezePreset = Literal["auto", "phreg", "last-k", "lora", "full"]
 Schedule = Literal["exp", "cosine"]
 LORA_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"  # not patch_embed.proj (DESIGN.md section 3)
 TOKEN_PARAMS = ("cls_token", "reg_token", "dist_token", "pos_embed")
@@ -42,7 +42,24 @@ def _starts(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
 
 
-def trainable_prefixes(model: nn.Module, freeze: FreezePreset, last_k: int = 1) -> list[str]:
+def auto_blocks(depth: int, onset: int | None) -> list[int]:
+    """Blocks the ``auto`` preset trains: around the block where artifacts start (the last block without any)."""
+    import os
+    if onset is None:
+        return [depth - 1]
+    span = os.environ.get("RETROFIT_AUTO_SPAN", "onset")
+    if span == "onset":
+        return [onset]
+    if span == "onset-1:onset":
+        return [max(0, onset - 1), onset]
+    if span == "onset:end":
+        return list(range(onset, depth))
+    if span == "0:onset":
+        return list(range(0, onset + 1))
+    raise ValueError(span)
+
+
+def trainable_prefixes(model: nn.Module, freeze: FreezePreset, last_k: int = 1, onset: int | None = None) -> list[str]:
     """Parameter-name prefixes a freeze preset trains (before any LoRA adapters are added).
 
     ``phreg``: registers, position embedding, patch embedding and the last block - the last two for
@@ -52,6 +69,8 @@ def trainable_prefixes(model: nn.Module, freeze: FreezePreset, last_k: int = 1) 
     """
     depth = len(model.blocks)
     tokens = [n for n in ("reg_token", "pos_embed") if getattr(model, n, None) is not None]
+    if freeze == "auto":
+        return tokens + [f"blocks.{i}." for i in auto_blocks(depth, onset)]
     if freeze == "phreg":
         last = 2 if not isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity) else 1
         return tokens + [_PATCH_EMBED] + [f"blocks.{i}." for i in range(depth - last, depth)]
@@ -166,7 +185,8 @@ class RetrofitModule(L.LightningModule):
         schedule: Schedule = "exp",
         warmup_steps: int = 0,
         mse_weight: float = 1.0,
-        loss_layers: list[int] | None = None,
+        loss_layers: list[int] | Literal["auto"] | None = None,
+        onset_block: int | None = None,
         targets: TargetSettings | dict[str, Any] | None = None,
         cache_dir: str | None = None,
         seed: int = 0,
@@ -178,9 +198,11 @@ class RetrofitModule(L.LightningModule):
         self.hparams["targets"] = asdict(settings)  # plain values: checkpoints load with weights_only=True
         self._check_settings()
         self.teacher = self._load_teacher(backbone, checkpoint, model_kwargs or {})
+        self.onset: int | None = onset_block
         self.student = self._build_student()
-        self.loss_layers = block_indices(self.teacher, loss_layers or ())
-        self.targets = DenoisedTargets(self.teacher, settings, layers=self.loss_layers, seed=seed)
+        self.loss_layers: tuple[int, ...] = ()
+        self.targets = DenoisedTargets(self.teacher, settings, seed=seed)
+        self._set_onset(onset_block)
         self.margin = 0  # patches of real pixels around the student's window; set from the data in setup()
         self._cache: TargetCache | None = None
 
@@ -213,16 +235,39 @@ class RetrofitModule(L.LightningModule):
         h = self.hparams
         vit = add_registers(self.teacher, h.num_registers, init=h.register_init, seed=h.seed).train()
         vit.set_grad_checkpointing(h.grad_checkpointing)
-        prefixes = trainable_prefixes(vit, h.freeze, h.last_k)
-        student: nn.Module = vit
         if h.freeze == "lora":
-            student = _add_lora(vit, h.lora_rank, h.lora_alpha, h.lora_dropout, h.seed)  # freezes all but the adapters
+            return _add_lora(vit, h.lora_rank, h.lora_alpha, h.lora_dropout, h.seed)  # freezes all but the adapters
+        return vit
+
+    def _apply_freeze(self) -> None:
+        """requires_grad after the freeze preset (``auto`` depends on the onset block, known from the data)."""
+        h, vit = self.hparams, self.student_vit
+        prefixes = trainable_prefixes(vit, h.freeze, h.last_k, self.onset)
         for name, p in vit.named_parameters():
             if _starts(name, prefixes):
                 p.requires_grad_(True)
             elif h.freeze != "lora":
                 p.requires_grad_(False)
-        return student
+
+    def _set_onset(self, onset: int | None) -> None:
+        """Fix the onset block: the trainable set and, with ``loss_layers='auto'``, the loss layers follow it."""
+        import os
+        h = self.hparams
+        self.onset = onset
+        self._apply_freeze()
+        depth = len(self.teacher.blocks)
+        if h.loss_layers == "auto":
+            mode = os.environ.get("RETROFIT_AUTO_LOSS", "onset")
+            if onset is None or mode == "none":
+                layers = ()
+            elif mode == "onset":
+                layers = (onset,)
+            else:
+                layers = tuple(range(onset, depth - 1))
+        else:
+            layers = h.loss_layers or ()
+        self.loss_layers = block_indices(self.teacher, layers)
+        self.targets = DenoisedTargets(self.teacher, self.targets.settings, layers=self.loss_layers, seed=h.seed)
 
     @property
     def student_vit(self) -> nn.Module:
@@ -238,18 +283,33 @@ class RetrofitModule(L.LightningModule):
     # ---- data and targets -------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        """Tell a RetrofitDataModule the backbone's patch size, normalisation and the margin targets need."""
+        """Tell a RetrofitDataModule the backbone's patch size, normalisation and the margin targets need; with
+        ``freeze='auto'`` find the block where the teacher's artifacts start, on the first training batch."""
         dm = getattr(self.trainer, "datamodule", None)
-        if dm is None or not hasattr(dm, "configure_for"):
-            return
-        if self.hparams.cache_dir is not None and getattr(dm, "random_crop", False):
-            raise RetrofitError(
-                "cache_dir stores one target per image, but the data crops at random: "
-                "set data.random_crop false (or drop cache_dir)."
-            )
-        grid = dm.img_size // patch_size(self.teacher)[0]
-        dm.configure_for(self.teacher, self.targets.margin_patches(grid))
-        self.margin = dm.margin
+        if dm is not None and hasattr(dm, "configure_for"):
+            if self.hparams.cache_dir is not None and getattr(dm, "random_crop", False):
+                raise RetrofitError(
+                    "cache_dir stores one target per image, but the data crops at random: "
+                    "set data.random_crop false (or drop cache_dir)."
+                )
+            grid = dm.img_size // patch_size(self.teacher)[0]
+            dm.configure_for(self.teacher, self.targets.margin_patches(grid))
+            self.margin = dm.margin
+        if stage == "fit" and self.hparams.onset_block is None and "auto" in (self.hparams.freeze, self.hparams.loss_layers):
+            onset = self._detect_onset(dm)
+            self._set_onset(self.trainer.strategy.broadcast(onset, src=0))
+
+    def _detect_onset(self, dm: Any) -> int | None:
+        """The onset block of the teacher's artifacts on the first training batch (None: no artifacts)."""
+        if dm is None:
+            raise RetrofitError("freeze='auto' finds the artifacts' onset block on the training data: pass a "
+                                "datamodule to fit, or set onset_block.")
+        batch = next(iter(dm.train_dataloader()))
+        device = self.trainer.strategy.root_device
+        images = crop_center(batch["image"], self.margin * patch_size(self.teacher)[0]).to(device)
+        self.teacher.to(device)  # Lightning moves the whole module there next anyway
+        fractions = layer_outlier_fractions(self.teacher, images, self.targets.settings.outlier_k)
+        return artifact_onset(fractions)
 
     def _targets(self, images: Tensor, keys: Sequence[str]) -> Targets:
         if self.hparams.cache_dir is None:
@@ -325,9 +385,12 @@ class RetrofitModule(L.LightningModule):
         for key in self._teacher_keys():
             checkpoint["state_dict"].pop(key, None)
         checkpoint["target_rng_state"] = self.targets.get_rng_state()
+        checkpoint["onset_block"] = self.onset
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        if "onset_block" in checkpoint:
+            self._set_onset(checkpoint["onset_block"])
         if "target_rng_state" in checkpoint:
             self.targets.set_rng_state(checkpoint["target_rng_state"])
 

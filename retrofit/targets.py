@@ -56,6 +56,9 @@ class TargetSettings:
     min_clean_views: int = 0
     """Adaptive view count: an image gets no more views once every one of its outlier positions has this
     many clean views (0: all ``num_views``). Clean coverage, not the view count, is what removes artifacts."""
+    mask_outliers: bool = False
+    """Hide the teacher's outlier tokens from its attention (a second forward), so that the other tokens' targets
+    do not carry what the artifacts wrote into them."""
     bf16: bool = False
     """Run the teacher's forwards under bf16 autocast (CUDA, or CPUs with avx512_bf16/AMX); targets stay float32."""
     chunk_size: int = 32
@@ -304,12 +307,28 @@ class DenoisedTargets:
         )
 
     def _teacher(self, views: Tensor, real: Tensor | None = None) -> list[Tensor]:
-        """Final then requested-layer patch tokens (S, h*w, D) float32 of one forward; fill hidden from attention."""
+        """Final then requested-layer patch tokens (S, h*w, D) float32; fill (and with ``mask_outliers`` the
+        teacher's own outliers) hidden from attention."""
+        grids = self._forward(views, real)
+        if not self.settings.mask_outliers:
+            return grids
+        hidden = torch.stack([_outliers(g.norm(dim=-1), self.settings.outlier_k, real) for g in grids]).any(0)
+        needy = hidden.any(1)
+        if not needy.any():
+            return grids
+        keep = ~hidden[needy] if real is None else real[needy].to(hidden.device) & ~hidden[needy]
+        for grid, again in zip(grids, self._forward(views[needy], keep), strict=True):
+            grid[needy] = again
+        return grids
+
+    def _forward(self, views: Tensor, real: Tensor | None = None) -> list[Tensor]:
+        """One teacher forward: final then requested-layer patch tokens (S, h*w, D) float32; tokens where ``real``
+        is False are hidden from every query."""
         npt = self.teacher.num_prefix_tokens
         mask = None
         if real is not None and not real.all():
             keys = torch.cat([real.new_ones(len(real), npt), real], dim=1)
-            mask = keys[:, None, None, :].to(views.device)  # (S, 1, 1, N): no query attends to fill
+            mask = keys[:, None, None, :].to(views.device)  # (S, 1, 1, N): no query attends to these keys
         if not self.layers:
             return [forward_tokens(self.teacher, views, mask)[:, npt:].float()]
         with dynamic_input(self.teacher, views.shape[-2:]):
