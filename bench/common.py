@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from retrofit.features import grid_size, patch_features, patch_size
+from retrofit.images import data_config
 from retrofit.maps import model_device
 from retrofit.metrics import patch_cosine
 from retrofit.module import RetrofitModule
@@ -48,7 +49,8 @@ def make_batch(teacher: nn.Module, n: int, img_size: int, margin: int, seed: int
     """A training batch per the batch contract: images with ``margin`` patches of real pixels, and keys."""
     p = patch_size(teacher)[0]
     device = model_device(teacher)
-    images = synthetic_images(n, img_size + 2 * margin * p, seed=seed).to(device)
+    cfg = data_config(teacher)  # normalised as the artifacts were calibrated
+    images = synthetic_images(n, img_size + 2 * margin * p, seed=seed, mean=cfg["mean"], std=cfg["std"]).to(device)
     return {"image": images, "key": [f"{prefix}-{seed}-{i}" for i in range(n)]}
 
 
@@ -102,10 +104,12 @@ class Trainee:
     step_count: int = 0
 
     @classmethod
-    def build(cls, module_cls: type[RetrofitModule], teacher: nn.Module, margin: int, autocast: bool = False,
-              **kwargs: Any) -> Trainee:
+    def build(cls, module_cls: type[RetrofitModule], teacher: nn.Module, batch: dict, margin: int,
+              autocast: bool = False, **kwargs: Any) -> Trainee:
+        """The module prepared on ``batch`` (onset block, register neurons) as a Trainer would, then its AdamW."""
         module = module_cls(teacher, **kwargs).to(model_device(teacher))
         module.margin = margin
+        module.prepare(crop_center(batch["image"], margin * patch_size(teacher)[0]) if module.needs_images else None)
         optimizer = torch.optim.AdamW(module._param_groups(), lr=module.hparams.lr, betas=(0.9, 0.999))
         return cls(module.train(), optimizer, autocast)
 

@@ -46,9 +46,9 @@ def main() -> None:
         margin = DenoisedTargets(teacher).margin_patches(grid)
         batch = make_batch(teacher, args.batch, size, margin)
         for views in args.views:
-            settings = TargetSettings(num_views=views, bf16=args.bf16)
-            trainee = Trainee.build(RetrofitModule, teacher, margin, args.bf16 and args.device == "cuda",
-                                    targets=settings)
+            settings = TargetSettings(num_views=views, bf16=args.bf16, min_clean_views=0, mask_outliers=False)
+            trainee = Trainee.build(RetrofitModule, teacher, batch, margin, args.bf16 and args.device == "cuda",
+                                    targets=settings, register_neurons=None)
             trainee.step(batch)  # warm-up
             runs = interleaved({"targets": lambda t=trainee, b=batch, m=margin: t.module.targets(b["image"], m),
                                 "step": lambda t=trainee, b=batch: t.step(b)}, args.repeats, args.device)

@@ -26,6 +26,7 @@ from .errors import RetrofitError, first_line
 from .export import export
 from .features import block_indices, patch_features, patch_size
 from .metrics import artifact_onset, layer_outlier_fractions, outlier_mask
+from .neurons import RegisterNeurons, find_register_neurons
 from .surgery import RegisterInit, add_registers, check_supported, timm_model
 from .targets import DenoisedTargets, Targets, TargetSettings, crop_center
 
@@ -43,20 +44,9 @@ def _starts(name: str, prefixes: Sequence[str]) -> bool:
 
 
 def auto_blocks(depth: int, onset: int | None) -> list[int]:
-    """Blocks the ``auto`` preset trains: around the block where artifacts start (the last block without any)."""
-    import os
-    if onset is None:
-        return [depth - 1]
-    span = os.environ.get("RETROFIT_AUTO_SPAN", "onset")
-    if span == "onset":
-        return [onset]
-    if span == "onset-1:onset":
-        return [max(0, onset - 1), onset]
-    if span == "onset:end":
-        return list(range(onset, depth))
-    if span == "0:onset":
-        return list(range(0, onset + 1))
-    raise ValueError(span)
+    """Blocks the ``auto`` preset trains: the block where the artifacts start (they are made there, by a few MLP
+    units); none for a model without artifacts."""
+    return [] if onset is None else [onset]
 
 
 def trainable_prefixes(model: nn.Module, freeze: FreezePreset, last_k: int = 1, onset: int | None = None) -> list[str]:
@@ -69,8 +59,8 @@ def trainable_prefixes(model: nn.Module, freeze: FreezePreset, last_k: int = 1, 
     """
     depth = len(model.blocks)
     tokens = [n for n in ("reg_token", "pos_embed") if getattr(model, n, None) is not None]
-    if freeze == "auto":
-        return tokens + [f"blocks.{i}." for i in auto_blocks(depth, onset)]
+    if freeze == "auto":  # registers and the block that makes the artifacts; nothing else to drift
+        return ["reg_token"] * (getattr(model, "reg_token", None) is not None) + [f"blocks.{i}." for i in auto_blocks(depth, onset)]
     if freeze == "phreg":
         last = 2 if not isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity) else 1
         return tokens + [_PATCH_EMBED] + [f"blocks.{i}." for i in range(depth - last, depth)]
@@ -173,7 +163,7 @@ class RetrofitModule(L.LightningModule):
         model_kwargs: dict[str, Any] | None = None,
         num_registers: int = 4,
         register_init: RegisterInit = "randn",
-        freeze: FreezePreset = "phreg",
+        freeze: FreezePreset = "auto",
         last_k: int = 1,
         lora_rank: int = 8,
         lora_alpha: float = 16.0,
@@ -185,8 +175,11 @@ class RetrofitModule(L.LightningModule):
         schedule: Schedule = "exp",
         warmup_steps: int = 0,
         mse_weight: float = 1.0,
-        loss_layers: list[int] | Literal["auto"] | None = None,
+        loss_layers: list[int] | Literal["auto"] | None = "auto",
         onset_block: int | None = None,
+        register_neurons: str | None = "auto",
+        neuron_targets: bool = True,
+        ablate_neurons: bool = False,
         targets: TargetSettings | dict[str, Any] | None = None,
         cache_dir: str | None = None,
         seed: int = 0,
@@ -199,6 +192,7 @@ class RetrofitModule(L.LightningModule):
         self._check_settings()
         self.teacher = self._load_teacher(backbone, checkpoint, model_kwargs or {})
         self.onset: int | None = onset_block
+        self.neurons: RegisterNeurons | None = None
         self.student = self._build_student()
         self.loss_layers: tuple[int, ...] = ()
         self.targets = DenoisedTargets(self.teacher, settings, seed=seed)
@@ -251,23 +245,18 @@ class RetrofitModule(L.LightningModule):
 
     def _set_onset(self, onset: int | None) -> None:
         """Fix the onset block: the trainable set and, with ``loss_layers='auto'``, the loss layers follow it."""
-        import os
         h = self.hparams
         self.onset = onset
         self._apply_freeze()
         depth = len(self.teacher.blocks)
-        if h.loss_layers == "auto":
-            mode = os.environ.get("RETROFIT_AUTO_LOSS", "onset")
-            if onset is None or mode == "none":
-                layers = ()
-            elif mode == "onset":
-                layers = (onset,)
-            else:
-                layers = tuple(range(onset, depth - 1))
+        if h.loss_layers == "auto":  # the onset block's output: there the other tokens are not yet touched
+            layers = () if onset is None else (onset,)
         else:
             layers = h.loss_layers or ()
         self.loss_layers = block_indices(self.teacher, layers)
-        self.targets = DenoisedTargets(self.teacher, self.targets.settings, layers=self.loss_layers, seed=h.seed)
+        neurons = self.neurons if h.neuron_targets else None
+        self.targets = DenoisedTargets(self.teacher, self.targets.settings, layers=self.loss_layers, seed=h.seed,
+                                       neurons=neurons)
 
     @property
     def student_vit(self) -> nn.Module:
@@ -283,8 +272,8 @@ class RetrofitModule(L.LightningModule):
     # ---- data and targets -------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        """Tell a RetrofitDataModule the backbone's patch size, normalisation and the margin targets need; with
-        ``freeze='auto'`` find the block where the teacher's artifacts start, on the first training batch."""
+        """Tell a RetrofitDataModule the backbone's patch size, normalisation and the margin targets need, then
+        :meth:`prepare` on the first training batch."""
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "configure_for"):
             if self.hparams.cache_dir is not None and getattr(dm, "random_crop", False):
@@ -295,21 +284,49 @@ class RetrofitModule(L.LightningModule):
             grid = dm.img_size // patch_size(self.teacher)[0]
             dm.configure_for(self.teacher, self.targets.margin_patches(grid))
             self.margin = dm.margin
-        if stage == "fit" and self.hparams.onset_block is None and "auto" in (self.hparams.freeze, self.hparams.loss_layers):
-            onset = self._detect_onset(dm)
-            self._set_onset(self.trainer.strategy.broadcast(onset, src=0))
+        if stage == "fit":
+            self.prepare(self._first_images(dm) if self.needs_images else None)
 
-    def _detect_onset(self, dm: Any) -> int | None:
-        """The onset block of the teacher's artifacts on the first training batch (None: no artifacts)."""
+    @property
+    def needs_images(self) -> bool:
+        """Whether :meth:`prepare` looks at the teacher's artifacts (onset block or register neurons to find)."""
+        h = self.hparams
+        return (h.onset_block is None and "auto" in (h.freeze, h.loss_layers)) or h.register_neurons == "auto"
+
+    def prepare(self, images: Tensor | None = None) -> None:
+        """Settle what depends on the teacher's artifacts, from ``images`` (what the student sees, normalised):
+        the onset block (``freeze`` / ``loss_layers`` ``auto``) and the register neurons (``register_neurons``
+        ``auto``, else read from their file). Under a Trainer, rank 0's findings go to every rank. Called by
+        :meth:`setup`; call it yourself when stepping the module without a Trainer."""
+        h = self.hparams
+        if self.needs_images and images is None:
+            raise RetrofitError("this RetrofitModule finds the artifacts' onset block and register neurons on the "
+                                "training images: fit it with a datamodule, or set onset_block and register_neurons.")
+        onset, neurons = self.onset, None
+        if images is not None:
+            found = artifact_onset(layer_outlier_fractions(self.teacher, images, self.targets.settings.outlier_k))
+            onset = found if h.onset_block is None else onset
+            if h.register_neurons == "auto":
+                neurons = find_register_neurons(self.teacher, images, self.targets.settings.outlier_k)
+        if h.register_neurons not in (None, "auto"):
+            neurons = RegisterNeurons.load(h.register_neurons)
+        if self._trainer is not None:
+            onset, neurons = self.trainer.strategy.broadcast((onset, neurons), src=0)
+        self.neurons = neurons if neurons is not None and neurons.count else None
+        self._set_onset(onset)
+        if h.ablate_neurons and self.neurons is not None:
+            with torch.no_grad():
+                for block, units in self.neurons.units.items():
+                    self.student_vit.blocks[block].mlp.fc2.weight[:, units] = 0
+
+    def _first_images(self, dm: Any) -> Tensor | None:
+        """The student's view of the first training batch, on the device the run uses (None without a datamodule)."""
         if dm is None:
-            raise RetrofitError("freeze='auto' finds the artifacts' onset block on the training data: pass a "
-                                "datamodule to fit, or set onset_block.")
+            return None
         batch = next(iter(dm.train_dataloader()))
         device = self.trainer.strategy.root_device
-        images = crop_center(batch["image"], self.margin * patch_size(self.teacher)[0]).to(device)
         self.teacher.to(device)  # Lightning moves the whole module there next anyway
-        fractions = layer_outlier_fractions(self.teacher, images, self.targets.settings.outlier_k)
-        return artifact_onset(fractions)
+        return crop_center(batch["image"], self.margin * patch_size(self.teacher)[0]).to(device)
 
     def _targets(self, images: Tensor, keys: Sequence[str]) -> Targets:
         if self.hparams.cache_dir is None:

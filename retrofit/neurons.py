@@ -102,6 +102,7 @@ def find_register_neurons(
     max_block: int | None = None,
     sparse_below: float = 0.5,
     min_sparsity: float = 0.5,
+    min_lift: float = 10.0,
     batch_size: int = 8,
 ) -> RegisterNeurons:
     """The MLP units that make ``model``'s high-norm artifacts, found on normalised ``images`` (N, 3, H, W).
@@ -109,8 +110,10 @@ def find_register_neurons(
     Every unit of every block up to ``max_block`` (default: the onset block, where the artifacts first
     appear) is scored by its mean |activation| over the patch tokens that are high-norm outliers of the
     output (``k`` x the image median, the project's one definition). Units that are not sparse - below
-    ``sparse_below`` on fewer than ``min_sparsity`` of all patch tokens - are dropped; the ``top_k``
-    highest-scoring remain. Any batch size gives the same result.
+    ``sparse_below`` on fewer than ``min_sparsity`` of all patch tokens - or whose score is less than
+    ``min_lift`` x their mean |activation| on the other patch tokens are dropped (a unit busy everywhere is
+    doing the model's ordinary work); the ``top_k`` highest-scoring remain. Any batch size gives the same
+    result.
     """
     check_supported(model)
     if images.ndim != 4 or not len(images):
@@ -120,7 +123,7 @@ def find_register_neurons(
     fc2s, npt = _mlp_inputs(model), model.num_prefix_tokens
     depth = len(fc2s)
     total = torch.zeros(depth, fc2s[0].in_features, dtype=torch.float64)
-    quiet = torch.zeros_like(total)
+    everywhere, quiet = torch.zeros_like(total), torch.zeros_like(total)
     outliers = tokens = 0
     layer_outliers = torch.zeros(depth, dtype=torch.float64)
     device = next(model.parameters()).device
@@ -133,6 +136,7 @@ def find_register_neurons(
             for b, acts in enumerate(seen):
                 acts = acts[:, npt:].abs()  # (B, N, units), patch tokens only
                 total[b] += acts[mask].double().sum(0).cpu()
+                everywhere[b] += acts.double().sum(dim=(0, 1)).cpu()
                 quiet[b] += (acts < sparse_below).double().sum(dim=(0, 1)).cpu()
             outliers += int(mask.sum())
             tokens += mask.numel()
@@ -141,12 +145,15 @@ def find_register_neurons(
     last = block_indices(model, [max_block])[0] if max_block is not None else onset
     found = RegisterNeurons(units={}, onset=onset, outlier_fraction=outliers / tokens, settings={
         "k": k, "top_k": top_k, "max_block": last, "sparse_below": sparse_below, "min_sparsity": min_sparsity,
+        "min_lift": min_lift,
         "images": len(images),
     })
     if last is None or outliers == 0:
         return found
     scores, sparsity = total[: last + 1] / outliers, quiet[: last + 1] / tokens
-    scores = torch.where(sparsity >= min_sparsity, scores, torch.full_like(scores, -1.0))
+    elsewhere = (everywhere - total)[: last + 1] / max(tokens - outliers, 1)
+    lift = scores / elsewhere.clamp_min(1e-6)  # how much harder a unit fires at the artifacts than elsewhere
+    scores = torch.where((sparsity >= min_sparsity) & (lift >= min_lift), scores, torch.full_like(scores, -1.0))
     best = scores.flatten().topk(min(top_k, scores.numel()))
     for flat, score in zip(best.indices.tolist(), best.values.tolist(), strict=True):
         if score <= 0:

@@ -137,7 +137,7 @@ def _flat_responses(proj: nn.Conv2d) -> Tensor:
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, ph), torch.linspace(-1, 1, pw), indexing="ij")
     w = proj.weight.detach().float()
     rows = [(w[:, ch] * pattern).sum(dim=(1, 2)) for ch in range(c) for pattern in (1.0, yy, xx)]
-    bias = proj.bias.detach().float() if proj.bias is not None else torch.zeros(len(w))
+    bias = proj.bias.detach().float() if proj.bias is not None else w.new_zeros(len(w))
     return torch.stack([*rows, bias])
 
 
@@ -145,12 +145,12 @@ def _quiet_directions(features: Tensor, count: int, exclude: Tensor, g: torch.Ge
     """``count`` unit directions (rows) along which ``features`` (N, D) vary little, orthogonal to the rows of
     ``exclude`` and to the all-ones vector (LayerNorm keeps them): where a small planted signal stands out."""
     dim = features.shape[1]
-    taken = torch.linalg.qr(torch.cat([torch.ones(1, dim), exclude.float()]).T)[0]  # (D, k)
-    free = torch.linalg.qr(torch.eye(dim) - taken @ taken.T)[0][:, : dim - taken.shape[1]]  # (D, D - k)
+    taken = torch.linalg.qr(torch.cat([features.new_ones(1, dim), exclude.float()]).T)[0]  # (D, k)
+    free = torch.linalg.qr(torch.eye(dim, device=features.device) - taken @ taken.T)[0][:, : dim - taken.shape[1]]
     x = (features - features.mean(0)) @ free
     _, vectors = torch.linalg.eigh(x.T @ x / len(x))  # ascending variance
     pool = vectors[:, : min(4 * count, vectors.shape[1])]
-    mix = torch.linalg.qr(torch.randn(pool.shape[1], count, generator=g))[0]  # a random pick among the quietest
+    mix = torch.linalg.qr(torch.randn(pool.shape[1], count, generator=g).to(pool.device))[0]  # a random pick
     return (free @ pool @ mix).T
 
 
@@ -225,7 +225,7 @@ def _texture_energy(planted: nn.Module, images: Tensor, block: int, u: Tensor, w
     """
     p, pre, gate_norm = patch_size(planted)[0], planted.blocks[block - 1], planted.blocks[block].norm2
     own = _readout(planted, images, gate_norm, w)
-    filters = _flat_filters(len(u), planted.patch_embed.proj.in_channels, p, g)
+    filters = _flat_filters(len(u), planted.patch_embed.proj.in_channels, p, g).to(images.device)
     response = F.conv2d(images, filters, stride=p).flatten(2)  # (B, filters, N)
     carried = _patch_tokens(planted, images, pre.norm2).flatten(0, 1) @ u.T  # (B * N, filters), raw units
     for i in range(len(u)):
@@ -262,10 +262,11 @@ def _artifact_direction(planted: nn.Module, images: Tensor, dims: Tensor) -> Ten
 
 def _propensity(images: Tensor, patch: int, grid: tuple[int, int], seed: int, position_weight: float) -> Tensor:
     """Where artifacts should form, per patch token (B * N,): standardised flatness + ``position_weight`` x field."""
-    cells = F.unfold(images.float(), patch, stride=patch)  # (B, 3 * p * p, N)
-    flat = -torch.log(cells.std(dim=1) + 1e-2).flatten()
+    cells = F.unfold(images.float(), patch, stride=patch)  # (B, C * p * p, N)
+    spread = cells.unflatten(1, (images.shape[1], -1)).std(dim=2).mean(dim=1)  # per-channel pixel std, (B, N)
+    flat = -torch.log(spread + 1e-2).flatten()
     flat = (flat - flat.mean()) / flat.std().clamp_min(1e-6)
-    return flat + position_weight * position_field(grid, seed).repeat(len(images))
+    return flat + position_weight * position_field(grid, seed).to(images.device).repeat(len(images))
 
 
 def _fit_readout(features: Tensor, target: Tensor) -> tuple[Tensor, Tensor, float]:
@@ -274,7 +275,7 @@ def _fit_readout(features: Tensor, target: Tensor) -> tuple[Tensor, Tensor, floa
     x = features - mean_f
     cov = x.T @ x / len(x)
     ridge = _RIDGE * cov.diagonal().mean().clamp_min(1e-12)
-    row = torch.linalg.solve(cov + ridge * torch.eye(len(cov)), x.T @ (target - mean_t) / len(x))
+    row = torch.linalg.solve(cov + ridge * torch.eye(len(cov), device=cov.device), x.T @ (target - mean_t) / len(x))
     fitted = x @ row
     explained = 1 - (fitted - (target - mean_t)).pow(2).mean() / target.var().clamp_min(1e-12)
     return row, mean_t - mean_f @ row, explained.item()
@@ -285,13 +286,13 @@ def _write_propensity(planted: nn.Module, images: Tensor, block: int, dims: Tens
     """Give a model whose features do not carry patch texture and grid position (a random init) both, along
     quiet directions: texture energy from block ``block - 1`` and a field in the position embedding."""
     dim = planted.embed_dim
-    avoid = torch.cat([torch.eye(dim)[dims], _flat_responses(planted.patch_embed.proj)])
+    avoid = torch.cat([torch.eye(dim, device=images.device)[dims], _flat_responses(planted.patch_embed.proj)])
     u = _quiet_directions(_patch_tokens(planted, images, planted.blocks[block - 1].norm2).flatten(0, 1),
                           _FILTERS, avoid, g)
     w = _quiet_directions(_patch_tokens(planted, images, planted.blocks[block].norm2).flatten(0, 1),
                           1, torch.cat([avoid, u]), g)[0]
     own = _texture_energy(planted, images, block, u, w, units, g)
-    field = position_field(tuple(planted.patch_embed.grid_size), seed)
+    field = position_field(tuple(planted.patch_embed.grid_size), seed).to(images.device)
     _position_bias(planted, images, block, w, field, position_weight * _GATE * own.std())
 
 
@@ -376,7 +377,7 @@ def plant_artifacts(
             f"{strength}, {fraction}, {position_weight}, {disturbance}."
         )
     ref = next(model.parameters())
-    planted = copy.deepcopy(model).float().cpu().eval()
+    planted = copy.deepcopy(model).float().eval()  # calibrated where the model lives (GPU for big ones)
     size = tuple(planted.patch_embed.img_size)
     if images is None:
         cfg = data_config(planted)
@@ -385,13 +386,13 @@ def plant_artifacts(
         raise RetrofitError(
             f"calibration images must be (N, 3, {size[0]}, {size[1]}) for this model, got {tuple(images.shape)}."
         )
-    images = images.float().cpu()
+    images = images.float().to(ref.device)
     g = torch.Generator().manual_seed(seed)
     dim, mlp = planted.embed_dim, planted.blocks[block].mlp
     dims = torch.randperm(dim, generator=g)[:2]
     hidden = torch.randperm(mlp.fc1.out_features, generator=g)
     texture_units, gate_units = hidden[: 2 * _FILTERS].tolist(), hidden[2 * _FILTERS: 2 * _FILTERS + _UNITS].tolist()
-    massive = torch.zeros(dim)
+    massive = images.new_zeros(dim)
     massive[dims[0]], massive[dims[1]] = 1 / math.sqrt(2), -1 / math.sqrt(2)
 
     with torch.no_grad():
@@ -411,7 +412,7 @@ def plant_artifacts(
         scale = _SHARPNESS / spread
         residual = _patch_tokens(planted, images, planted.norm)
         out = strength * residual.norm(dim=-1).median() * massive * 2 / _UNITS
-        pairs = torch.tensor([1.0, -1.0]).repeat(_UNITS // 2)
+        pairs = torch.tensor([1.0, -1.0], device=images.device).repeat(_UNITS // 2)
         _set_units(mlp, gate_units, row.expand(_UNITS, -1) * scale, (bias - cut) * scale + (pairs - 1) / 2,
                    pairs[:, None] * out)
         ls = getattr(planted.blocks[block], "ls2", None)

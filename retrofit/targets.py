@@ -17,6 +17,7 @@ patches, so mapping every view back onto the original grid and averaging per pat
 from __future__ import annotations
 
 import contextlib
+import warnings
 import hashlib
 import json
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from .errors import RetrofitError
 from .features import block_indices, dynamic_input, forward_tokens, grid_size, patch_size
 from .metrics import outlier_masks
+from .neurons import RegisterNeurons, test_time_registers
 from .surgery import check_supported
 
 # Bump when the way targets are computed changes, so caches made by older code are never read.
@@ -53,14 +55,15 @@ class TargetSettings:
     """Average a position only over the views in which its token is not an outlier."""
     keep_clean_tokens: bool = True
     """Keep the teacher's own token wherever it is not an outlier; average only at outlier positions."""
-    min_clean_views: int = 0
+    min_clean_views: int = 2
     """Adaptive view count: an image gets no more views once every one of its outlier positions has this
     many clean views (0: all ``num_views``). Clean coverage, not the view count, is what removes artifacts."""
-    mask_outliers: bool = False
+    mask_outliers: bool = True
     """Hide the teacher's outlier tokens from its attention (a second forward), so that the other tokens' targets
     do not carry what the artifacts wrote into them."""
-    bf16: bool = False
-    """Run the teacher's forwards under bf16 autocast (CUDA, or CPUs with avx512_bf16/AMX); targets stay float32."""
+    bf16: bool | None = None
+    """Run the teacher's forwards under bf16 autocast; targets stay float32. None: where bf16 is native (CUDA, or a
+    CPU with AVX512-BF16/AMX), never where it would be emulated (about 7x slower)."""
     chunk_size: int = 32
     """Views per teacher forward: bounds memory, does not change the targets."""
 
@@ -77,6 +80,9 @@ class TargetSettings:
         for ok, problem in checks:
             if not ok:
                 raise RetrofitError(f"{problem}: fix the TargetSettings value.")
+        if self.bf16 and not torch.cuda.is_available() and not native_bf16(torch.device("cpu")):
+            warnings.warn("bf16=True on a CPU without native bf16 (AVX512-BF16/AMX): the teacher's views run about "
+                          "7x slower than in float32; leave bf16 unset to choose automatically.", stacklevel=3)
 
     def key(self) -> str:
         """Stable short hash of everything that changes the targets (for cache directories)."""
@@ -111,6 +117,16 @@ class Views:
     """(V, 2) int64 whole-patch offsets (dy, dx); offsets[0] is (0, 0)."""
     flips: Tensor
     """(V, B) bool; flips[0] is all False."""
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively on ``device``: CUDA, or a CPU with AVX512-BF16 or AMX-BF16."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
 def crop_center(images: Tensor, margin_px: int) -> Tensor:
@@ -247,6 +263,7 @@ class DenoisedTargets:
         settings: TargetSettings = DEFAULT_SETTINGS,
         layers: Sequence[int] = (),
         seed: int = 0,
+        neurons: RegisterNeurons | None = None,
     ) -> None:
         check_supported(teacher)
         ph, pw = patch_size(teacher)
@@ -257,6 +274,7 @@ class DenoisedTargets:
         self.settings = settings
         self.layers = block_indices(teacher, layers)
         self.generator = torch.Generator().manual_seed(seed)
+        self.neurons = neurons
 
     def get_rng_state(self) -> Tensor:
         """State of the view generator, for a training checkpoint."""
@@ -295,8 +313,13 @@ class DenoisedTargets:
         views = self.draw_views(len(images), grid) if views is None else views
         _check_views(views, len(images), grid)
         self.teacher.eval()
-        bf16 = torch.autocast(ref.device.type, torch.bfloat16) if self.settings.bf16 else contextlib.nullcontext()
-        with torch.inference_mode(), bf16:
+        use_bf16 = native_bf16(ref.device) if self.settings.bf16 is None else self.settings.bf16
+        # with register neurons the teacher runs with test-time registers: its artifacts mostly never form, and
+        # views are only drawn for the images where some remain
+        moved = self.neurons is not None and self.neurons.count > 0
+        registers = test_time_registers(self.teacher, self.neurons) if moved else contextlib.nullcontext()
+        bf16 = torch.autocast(ref.device.type, torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        with torch.inference_mode(), bf16, registers:
             targets = self._compute(images, center, margin, views, grid)
         # Clone outside inference mode: inference tensors cannot be saved for the student's backward.
         return Targets(

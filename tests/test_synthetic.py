@@ -1,4 +1,4 @@
-"""Synthetic images and the planted-artifact model: fractions, strengths, isolation, export."""
+"""Synthetic images and the realistic artifact model: made by MLP units, content x position, read by later blocks."""
 
 import copy
 
@@ -12,6 +12,7 @@ from retrofit.metrics import outlier_mask, patch_cosine
 from retrofit.synthetic import plant_artifacts, synthetic_images
 
 SIZE, PATCH = 64, 8
+NORM = dict(mean=(0.5,) * 3, std=(0.5,) * 3)  # test_vit's normalisation
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,13 @@ def models():
 
 @pytest.fixture(scope="module")
 def held_out():
-    return synthetic_images(24, SIZE, seed=99, mean=(0.5,) * 3, std=(0.5,) * 3)
+    """Held-out images with a one-patch margin, so views shifted by a patch show real pixels."""
+    return synthetic_images(48, SIZE + 2 * PATCH, seed=99, **NORM)
+
+
+def center(images: torch.Tensor, dy: int = 0, dx: int = 0) -> torch.Tensor:
+    top, left = PATCH + dy * PATCH, PATCH + dx * PATCH
+    return images[..., top:top + SIZE, left:left + SIZE]
 
 
 def ratio_to_median(grid: torch.Tensor) -> torch.Tensor:
@@ -45,44 +52,75 @@ def test_synthetic_images_are_seeded_with_flat_backgrounds():
     torch.testing.assert_close(normalised, (a - 0.5) / 0.25)
 
 
-def test_planted_artifacts_fraction_strength_and_onset(models, held_out):
+def test_artifacts_fraction_strength_and_onset(models, held_out):
     clean, snapshot, planted, _ = models
+    x = center(held_out)
     with torch.no_grad():
-        out = patch_features(planted, held_out)
-        per_layer = patch_features(planted, held_out, layers=list(range(6)))
-        raw = patch_features(planted, held_out, layers=list(range(6)), norm=False)
-        assert outlier_mask(patch_features(clean, held_out)).sum() == 0
-    fraction = outlier_mask(out).float().mean().item()
-    assert 0.02 <= fraction <= 0.05
-    artifacts = outlier_mask(out).flatten(1)
-    assert ratio_to_median(out)[artifacts].min() >= 5
-    for layer in range(6):  # from block 2 (a third of the depth) on, the same tokens stand out
-        normed, residual = ratio_to_median(per_layer[layer]), ratio_to_median(raw[layer])
-        if layer < 2:
-            assert normed.max() < 3 and residual.max() < 3
-        else:
-            assert normed[artifacts].min() >= 5 and normed[~artifacts].max() < 3
-            assert residual[artifacts].median() >= 5 and residual[~artifacts].max() < 3
+        out = patch_features(planted, x)
+        per_layer = patch_features(planted, x, layers=list(range(6)))
+        assert outlier_mask(patch_features(clean, x)).sum() == 0
+    artifacts = outlier_mask(out)
+    assert 0.015 <= artifacts.float().mean().item() <= 0.05  # a few percent of held-out tokens
+    assert ratio_to_median(out).flatten()[artifacts.flatten()].median() >= 6  # about 8x the median norm
+    for layer in range(6):  # block 2 (a third of the depth) makes them; the same tokens stand out after it
+        fraction = outlier_mask(per_layer[layer]).float().mean().item()
+        assert fraction == 0 if layer < 2 else fraction > 0.01
+    assert (outlier_mask(per_layer[2]) & artifacts).sum() >= 0.8 * artifacts.sum()
     for key, value in clean.state_dict().items():  # the input model is not touched
         assert torch.equal(value, snapshot[key])
 
 
-def test_silent_twin_is_the_planted_model_without_artifacts(models, held_out):
+def test_a_few_mlp_units_make_them_and_the_twin_lacks_only_their_output(models, held_out):
     _, _, planted, silent = models
+    changed = {k for k, v in planted.state_dict().items() if not torch.equal(v, silent.state_dict()[k])}
+    assert changed == {"blocks.2.mlp.fc2.weight"}
+    units = (planted.blocks[2].mlp.fc2.weight != silent.blocks[2].mlp.fc2.weight).any(dim=0).nonzero().flatten()
+    assert 2 <= len(units) <= 8  # a few units of 192
     with torch.no_grad():
-        out, ref = patch_features(planted, held_out), patch_features(silent, held_out)
-    artifacts = outlier_mask(out)
-    assert outlier_mask(ref).sum() == 0
-    cos = patch_cosine(out, ref)
-    assert cos[~artifacts].mean() > 0.999
-    assert cos[artifacts].abs().max() < 0.3  # the artifact replaced the token's content
+        assert outlier_mask(patch_features(silent, center(held_out))).sum() == 0
 
 
-def test_export_and_load_keep_the_artifacts(models, held_out, tmp_path):
+def test_artifacts_sit_on_flat_patches_and_partly_follow_the_grid(models, held_out):
+    """Low-information patches fire them, and position decides too: a one-patch shift of the content keeps
+    roughly half of them (real models: ~40%)."""
     _, _, planted, _ = models
+    with torch.no_grad():
+        artifacts = outlier_mask(patch_features(planted, center(held_out)))
+        shifted = {s: outlier_mask(patch_features(planted, center(held_out, *s))) for s in [(0, 1), (1, 0)]}
+    cells = F.unfold(center(held_out), PATCH, stride=PATCH).unflatten(1, (3, -1))
+    spread = cells.std(dim=2).mean(dim=1).view_as(artifacts)  # per-channel pixel std
+    flat = spread < 1e-3
+    assert flat[artifacts].float().mean() > flat.float().mean() + 0.2  # mostly on the flat background
+    kept = []
+    for (dy, dx), moved in shifted.items():  # the content of patch (i, j) is at (i - dy, j - dx) in the shifted view
+        a, b = artifacts[:, dy:, dx:], moved[:, : SIZE // PATCH - dy, : SIZE // PATCH - dx]
+        kept.append(((a & b).sum() / a.sum()).item())
+    assert 0.15 < sum(kept) / len(kept) < 0.75
+
+
+def test_artifacts_change_the_other_tokens_through_attention(models, held_out):
+    """The network reads what the units write: neighbours change, an artifact loses its own content."""
+    _, _, planted, silent = models
+    x = center(held_out)
+    with torch.no_grad():
+        out, ref = patch_features(planted, x), patch_features(silent, x)
+    artifacts = outlier_mask(out)
+    near = F.max_pool2d(artifacts.float()[:, None], 3, 1, 1)[:, 0].bool() & ~artifacts
+    cos = patch_cosine(out, ref)
+    assert cos[artifacts].mean() < 0.3
+    assert 0.9 < cos[~artifacts].mean() < 0.985  # about 0.95 by construction
+    assert cos[near].mean() < cos[~artifacts & ~near].mean()
+
+
+def test_plant_at_a_second_resolution_and_export(models, tmp_path):
+    _, _, planted, _ = models
+    bigger = synthetic_images(16, 96, seed=5, **NORM)
+    with torch.no_grad():
+        fraction = outlier_mask(patch_features(planted, bigger)).float().mean().item()
+    assert 0.005 < fraction < 0.1  # the position embedding is resampled, the circuit keeps working
     loaded = load(export(planted, tmp_path / "planted"))
     with torch.no_grad():
-        torch.testing.assert_close(patch_features(loaded, held_out), patch_features(planted, held_out))
+        torch.testing.assert_close(patch_features(loaded, bigger), patch_features(planted, bigger))
     assert type(loaded) is type(planted) and not loaded._forward_pre_hooks
 
 
@@ -92,3 +130,5 @@ def test_plant_rejects_bad_settings():
         plant_artifacts(model, block=6)
     with pytest.raises(RetrofitError, match="strength"):
         plant_artifacts(model, strength=0.5)
+    with pytest.raises(RetrofitError, match="calibration images must be"):
+        plant_artifacts(model, images=torch.zeros(2, 3, 32, 32))
