@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import json
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import timm
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from .errors import RetrofitError, first_line
+from .export import is_export_dir, load
 from .surgery import check_supported
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+LOCAL_WEIGHTS_FLAGS = "checkpoint=PATH in Python, --model.checkpoint PATH in retrofit fit, --checkpoint PATH elsewhere"
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -80,11 +82,6 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def is_export_dir(path: str | Path) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / "config.json").is_file()
-
-
 def _check_name(name: str) -> None:
     if name.startswith(("hf-hub:", "local-dir:")) or timm.is_model(name):
         return
@@ -111,13 +108,11 @@ def load_backbone(
     """
     spec = str(spec)
     if is_export_dir(spec):
-        from .export import load
-
-        return load(spec, **model_kwargs).eval()
+        return load(spec, **model_kwargs)
     if Path(spec).suffix in CHECKPOINT_SUFFIXES or Path(spec).is_dir():
         raise RetrofitError(
-            f"{spec} is a file or folder, not a model name: pass the timm name and checkpoint={spec!r} "
-            "(CLI: --checkpoint), or a directory written by retrofit export."
+            f"{spec} is a file or folder, not a model name: pass the timm name and the file as checkpoint "
+            f"({LOCAL_WEIGHTS_FLAGS}), or a directory written by retrofit export."
         )
     _check_name(spec)
     # Build the architecture first so an unsupported class fails before any download.
@@ -130,15 +125,10 @@ def load_backbone(
     try:
         return timm.create_model(spec, pretrained=True, **model_kwargs).eval()
     except Exception as e:
+        where = ("HF_HUB_OFFLINE is set and they are not in the local cache" if huggingface_hub.constants.HF_HUB_OFFLINE
+                 else f"{type(e).__name__}; offline, set HF_HUB_OFFLINE=1 to fail at once")
         raise RetrofitError(
-            f"could not fetch pretrained weights for {spec!r} ({type(e).__name__}): when offline, "
-            "pass a local weights file with checkpoint=PATH (CLI: --checkpoint PATH)."
+            f"could not fetch pretrained weights for {spec!r} ({where}): pass a local weights file "
+            f"({LOCAL_WEIGHTS_FLAGS})."
         ) from e
 
-
-def export_config(path: str | Path) -> dict[str, Any]:
-    """The config.json of an export directory."""
-    try:
-        return json.loads((Path(path) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RetrofitError(f"{path}/config.json is missing or not valid JSON: export the model again.") from e

@@ -17,15 +17,17 @@ from typing import Any, Literal
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from .errors import RetrofitError
 from .export import export
-from .features import patch_features, patch_size
-from .maps import compute_maps, display_rgb, figure_array, inference, plot_maps, save_figure
+from .features import inference, patch_features, patch_size
+from .maps import compute_maps, display_rgb
 from .metrics import FeatureFidelity, OutlierFraction, PatchNormStats
+from .plots import figure_array, plot_maps, save_figure
 from .surgery import timm_model
 from .targets import crop_center
 
@@ -314,3 +316,29 @@ class RegisterExport(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_score = state_dict["best_score"]
+
+
+class StepProgressBar(RichProgressBar):
+    """Rich progress that reads "step 120/1000 (epoch 3)" when ``max_steps`` bounds the run.
+
+    Lightning's bar counts epochs, which a step-bounded run does not have ("Epoch 16/-2"); the bar
+    itself still fills once per epoch. The logger's version number (``v_num``) is left out.
+    """
+
+    def _describe(self, trainer: L.Trainer) -> None:
+        if trainer.max_steps > 0 and self.progress is not None and self.train_progress_bar_id is not None:
+            description = f"step {trainer.global_step}/{trainer.max_steps} (epoch {trainer.current_epoch})"
+            self.progress.update(self.train_progress_bar_id, description=description)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._describe(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._describe(trainer)  # the optimizer step is done: global_step counts it
+        super().on_train_batch_end(trainer, pl_module, *args)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics

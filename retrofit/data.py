@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .errors import RetrofitError
+from .errors import RetrofitError, check_settings
 from .features import patch_size as model_patch_size
 from .images import data_config, interpolation_mode, list_images, open_rgb
 
@@ -355,21 +355,17 @@ class RetrofitDataModule(L.LightningDataModule):
     # ---- settings ---------------------------------------------------------------------------------
 
     def _check_settings(self) -> None:
-        positive = {"img_size": self.img_size, "batch_size": self.batch_size}
-        for name, value in positive.items():
-            if value < 1:
-                raise RetrofitError(f"{name} must be a positive integer, got {value}.")
-        if self.num_workers < 0 or self.margin < 0:
-            raise RetrofitError("num_workers and margin must be >= 0.")
-        if self.max_images is not None and self.max_images < 1:
-            raise RetrofitError(f"max_images must be >= 1 or None, got {self.max_images}.")
-        if not 0 < self.crop_pct <= 1:
-            raise RetrofitError(f"crop_pct must be in (0, 1], got {self.crop_pct}.")
-        for name, values in (("mean", self.mean), ("std", self.std)):
-            if values is not None and len(values) != 3:
-                raise RetrofitError(f"{name} needs 3 values (R, G, B), got {list(values)}.")
-        if self.std is not None and min(self.std) <= 0:
-            raise RetrofitError(f"std must be positive, got {list(self.std)}.")
+        mean, std = (None if v is None else list(v) for v in (self.mean, self.std))
+        check_settings((
+            (self.img_size >= 1, f"img_size must be a positive integer, got {self.img_size}"),
+            (self.batch_size >= 1, f"batch_size must be a positive integer, got {self.batch_size}"),
+            (self.num_workers >= 0 and self.margin >= 0, "num_workers and margin must be >= 0"),
+            (self.max_images is None or self.max_images >= 1, f"max_images must be >= 1, got {self.max_images}"),
+            (0 < self.crop_pct <= 1, f"crop_pct must be in (0, 1], got {self.crop_pct}"),
+            (mean is None or len(mean) == 3, f"mean needs 3 values (R, G, B), got {mean}"),
+            (std is None or len(std) == 3, f"std needs 3 values (R, G, B), got {std}"),
+            (std is None or min(std) > 0, f"std must be positive, got {std}"),
+        ), "RetrofitDataModule")
         if self.interpolation is not None:
             interpolation_mode(self.interpolation)
         if self.patch_size is not None:

@@ -11,25 +11,18 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.progress import track
 from rich.table import Table
 from torch import Tensor, nn
 
+from .attention import NO_CLS_NOTE
 from .errors import RetrofitError
-from .features import block_indices, patch_features
+from .features import block_indices, inference, model_device, patch_features
 from .files import write_json
-from .maps import (
-    NO_CLS_NOTE,
-    ImageMaps,
-    compute_maps,
-    display_rgb,
-    inference,
-    model_device,
-    plot_heads,
-    plot_maps,
-    save_figure,
-)
+from .maps import ImageMaps, compute_maps, display_rgb
 from .metrics import OutlierFraction, PatchNormStats, PositionLeakage, outlier_masks, token_norms
+from .plots import plot_heads, plot_maps, save_figure
 from .surgery import count_registers, has_class_token
 
 REPORT_NAME = "diagnose.json"
@@ -200,25 +193,33 @@ def _percent(x: float) -> str:
 
 
 def render_table(report: dict[str, Any]) -> Table:
-    """The per-layer numbers of a :func:`diagnose` report as a rich table, models side by side."""
+    """The per-layer numbers of a :func:`diagnose` report as a rich table.
+
+    Models are compared row by row (one row per layer and model), so the table stays readable in an
+    80-column terminal: numbers never wrap, only a long model label may.
+    """
     k = report["settings"]["k"]
-    table = Table(title=f"Patch-token norms per layer ({len(report['images'])} images; outliers: > {k:g}x or "
-                        f"< 1/{k:g}x the image median)")
-    table.add_column("layer", justify="right")
-    rows: dict[int, list[str]] = {}
-    for i, summary in enumerate(report["models"]):
-        for head in ("median", "p99", "max", "high-norm", "low-norm"):
-            table.add_column(f"{summary['label']}\n{head}", justify="right")
-        for entry in summary["layers"]:
-            cells = [f"{entry['median']:.3g}", f"{entry['p99']:.3g}", f"{entry['max']:.3g}",
-                     _percent(entry["high"]), _percent(entry["low"])]
-            rows.setdefault(entry["layer"], [""] * 5 * i).extend(cells)
-    for layer in sorted(rows):
-        table.add_row(str(layer), *rows[layer])
+    models = report["models"]
+    table = Table(box=box.SIMPLE_HEAD, title=f"Patch-token norms per layer ({len(report['images'])} images; "
+                  f"outliers: > {k:g}x or < 1/{k:g}x the image median)")
+    table.add_column("layer", justify="right", no_wrap=True)
+    if len(models) > 1:
+        table.add_column("model", overflow="fold")
+    for head in ("median", "p99", "max", "high-norm", "low-norm"):
+        table.add_column(head, justify="right", no_wrap=True)
+    by_layer = [{e["layer"]: e for e in m["layers"]} for m in models]
+    for layer in sorted(set().union(*by_layer)):
+        for summary, entries in zip(models, by_layer, strict=True):
+            if layer in entries:
+                e = entries[layer]
+                label = [summary["label"]] if len(models) > 1 else []
+                table.add_row(str(layer), *label, f"{e['median']:.3g}", f"{e['p99']:.3g}", f"{e['max']:.3g}",
+                              _percent(e["high"]), _percent(e["low"]))
+        table.add_section()
     table.caption = "; ".join(
         f"{s['label']}: {s['num_registers']} registers, position leakage R^2 "
         + ("n/a (1 image)" if s["position_leakage"] is None else f"{s['position_leakage']:.3f}")
         + ("" if s["class_token"] else f", {NO_CLS_NOTE}")
-        for s in report["models"]
+        for s in models
     )
     return table

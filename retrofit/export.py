@@ -1,9 +1,14 @@
-"""timm-native export: a directory that plain ``timm.create_model('local-dir:DIR', pretrained=True)`` reads."""
+"""timm-native export: a directory that plain ``timm.create_model('local-dir:DIR', pretrained=True)`` reads.
+
+This module owns the export folder: writing it, recognising it and reading it back.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +16,6 @@ import timm
 from timm.models import save_for_hf
 from torch import nn
 
-from . import __version__
-from .backbones import export_config
 from .errors import RetrofitError, first_line
 from .surgery import check_supported, count_registers
 
@@ -33,7 +36,7 @@ def export(model: nn.Module, out_dir: str | Path, overwrite: bool = False, **met
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        info = {"version": __version__, "num_registers": count_registers(model), **metadata}
+        info = {"version": version("retrofit"), "num_registers": count_registers(model), **metadata}
         save_for_hf(model, tmp, model_config={"retrofit": info}, safe_serialization=True)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
@@ -46,6 +49,20 @@ def export(model: nn.Module, out_dir: str | Path, overwrite: bool = False, **met
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def is_export_dir(path: str | Path) -> bool:
+    """A folder with a config.json: what :func:`export` writes (and timm's ``local-dir:`` reads)."""
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def export_config(path: str | Path) -> dict[str, Any]:
+    """The config.json of an export directory."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RetrofitError(f"{path}/config.json is missing or not valid JSON: export the model again.") from e
 
 
 def load(path: str | Path, **model_kwargs: Any) -> nn.Module:

@@ -9,14 +9,6 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def perturb_(model: torch.nn.Module, scale: float = 0.02) -> torch.nn.Module:
-    """Move every weight off its init so token / position-embedding bugs cannot hide behind zeros."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return model
-
-
 @pytest.fixture
 def one_thread():
     """Tiny tensors: one intra-op thread beats two that contend for a busy 2-core machine."""

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from retrofit import RetrofitError, load_backbone
 
-from .conftest import perturb_
+from .helpers import perturb_
 
 DINO_KW = dict(img_size=42, depth=2)
 

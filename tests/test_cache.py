@@ -10,7 +10,7 @@ from retrofit import RetrofitError
 from retrofit.cache import TargetCache, teacher_fingerprint
 from retrofit.targets import DenoisedTargets, TargetSettings
 
-from .conftest import perturb_
+from .helpers import perturb_
 
 KEYS = ["a/1.jpg", "b/2.png", "c 3"]
 

@@ -9,11 +9,11 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from torch.utils.data import DataLoader
 
 from retrofit import RetrofitError, add_registers, load, patch_features
-from retrofit.backbones import export_config
 from retrofit.callbacks import ArtifactMonitor, NormMapLogger, RegisterExport
+from retrofit.export import export_config
 from retrofit.metrics import FeatureFidelity, outlier_mask
 
-from .test_maps import planted_vit
+from .helpers import planted_vit
 
 SIZE = 48
 

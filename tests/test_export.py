@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from retrofit import RetrofitError, add_registers, export, load, load_backbone
 
-from .conftest import perturb_
+from .helpers import perturb_
 
 
 @pytest.fixture

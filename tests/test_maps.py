@@ -5,35 +5,11 @@ import timm
 import torch
 
 from retrofit import RetrofitError, add_registers
-from retrofit.maps import (
-    cls_attention,
-    compute_maps,
-    display_rgb,
-    figure_array,
-    last_block_qk,
-    pca_rgb,
-    plot_heads,
-    plot_maps,
-)
+from retrofit.attention import cls_attention, last_block_qk
+from retrofit.maps import compute_maps, display_rgb, pca_rgb
+from retrofit.plots import figure_array, plot_heads, plot_maps
 
-from .conftest import perturb_
-
-PLANTED = (1, 2)
-
-
-def planted_vit(img_size: int = 64, **kwargs) -> torch.nn.Module:
-    """test_vit with one high-norm token at grid position PLANTED.
-
-    A large position-embedding entry on channel 0 survives the blocks through the residual, and a
-    final-norm gain on channel 0 turns it into a token of ~5x the median norm.
-    """
-    model = perturb_(timm.create_model("test_vit", pretrained=False, img_size=img_size, **kwargs))
-    row, col = PLANTED
-    offset = 0 if model.no_embed_class else model.num_prefix_tokens
-    with torch.no_grad():
-        model.pos_embed[0, offset + row * model.patch_embed.grid_size[1] + col, 0] += 200.0
-        model.norm.weight[0] = 6.0
-    return model.eval()
+from .helpers import PLANTED, perturb_, planted_vit
 
 
 def timm_attention(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

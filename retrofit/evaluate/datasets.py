@@ -247,7 +247,7 @@ def _open_hf(spec: str | Path, split: str | None, columns: Sequence[str]) -> dat
         else:
             ds = datasets.load_dataset(str(spec), split=split)
     except Exception as e:  # any loader failure means the spec does not name a dataset here; say so in one line
-        reason = _root_cause(e)
+        reason = first_line(e, root=True)
         raise RetrofitError(
             f"cannot open dataset {str(spec)!r} ({reason}): pass an image folder, a save_to_disk folder "
             "or a Hugging Face dataset name."
@@ -261,13 +261,6 @@ def _open_hf(spec: str | Path, split: str | None, columns: Sequence[str]) -> dat
             "name the right one with image_column / boxes_column / mask_column."
         )
     return ds
-
-
-def _root_cause(e: BaseException) -> str:
-    """First line of the innermost exception: datasets wraps the useful message in generic ones."""
-    while e.__cause__ or e.__context__:
-        e = e.__cause__ or e.__context__
-    return first_line(e)
 
 
 def _pick_split(dd: datasets.DatasetDict, split: str | None, spec: str | Path) -> datasets.Dataset:

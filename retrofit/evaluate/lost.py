@@ -3,7 +3,7 @@
 LOST needs no labels: in the last block's attention keys, background patches resemble many other
 patches while an object's patches resemble few, so the patch with the fewest positive key
 correlations seeds the object. High-norm artifact tokens break exactly this (DINOv2: 35.3 CorLoc
-on VOC07, 55.4 with registers; DESIGN.md section 1), which is why retrofit reports it.
+on VOC07, 55.4 with registers; docs/method.md), which is why retrofit reports it.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from scipy import ndimage
 from torch import nn
 from torchvision.ops import box_iou
 
+from ..attention import last_block_qk
 from ..errors import RetrofitError
 from ..features import grid_size, patch_size, square_size
-from ..maps import last_block_qk
 from .datasets import EvalDataset, batches, box_dataset
 
 Box = tuple[float, float, float, float]

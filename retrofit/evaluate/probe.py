@@ -18,8 +18,7 @@ from torch import nn
 from torchmetrics import JaccardIndex
 
 from ..errors import RetrofitError
-from ..features import patch_features, square_size
-from ..maps import inference
+from ..features import inference, patch_features, square_size
 from .datasets import EvalDataset, batches, mask_dataset
 
 IGNORE = 255

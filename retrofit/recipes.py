@@ -1,0 +1,61 @@
+"""Training recipes: the commented YAML files of ``recipes/``, shipped inside the package.
+
+The folder lives at the top of the repository and the wheel carries it as ``retrofit/recipes``, so
+``retrofit fit --config NAME`` finds a recipe by name from any directory, installed or editable.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+from jsonargparse import Namespace
+
+from .backbones import load_backbone
+from .errors import RetrofitError
+from .module import RetrofitModule
+
+SUFFIX = ".yaml"
+
+
+def recipes_dir() -> Path:
+    """The installed recipes (``retrofit/recipes`` in a wheel), else the source checkout's ``recipes/``."""
+    packaged = Path(str(files("retrofit") / "recipes"))
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
+
+
+def recipe_paths() -> list[Path]:
+    """Every recipe, sorted by name."""
+    paths = sorted(recipes_dir().glob(f"*{SUFFIX}"))
+    if not paths:
+        raise RetrofitError(f"no recipes in {recipes_dir()}: reinstall retrofit (the wheel ships them).")
+    return paths
+
+
+def recipe_path(name: str) -> Path:
+    """The recipe called ``name`` (with or without ``.yaml``), or a one-line error listing the recipes."""
+    paths = {p.stem: p for p in recipe_paths()}
+    stem = name.removesuffix(SUFFIX)
+    if stem not in paths:
+        raise RetrofitError(f"no recipe or config file {name!r}: pass a YAML path or one of {', '.join(paths)}.")
+    return paths[stem]
+
+
+def resolve_config(value: str) -> str:
+    """A ``--config`` value: an existing file stays as it is, a recipe name becomes the recipe's path."""
+    return value if Path(value).is_file() else str(recipe_path(value))
+
+
+def trainable_parameters(model: Namespace) -> tuple[int, int]:
+    """(trainable, total) student parameters of fit's ``model`` settings, built on the meta device.
+
+    The student is built by RetrofitModule itself, so the count is what the freeze preset really trains.
+    The classifier head is left out of the total: it never reaches the patch features.
+    """
+    settings = {k: v for k, v in model.as_dict().items() if k not in ("backbone", "checkpoint", "model_kwargs")}
+    with torch.device("meta"):
+        arch = load_backbone(model.backbone, pretrained=False, **{"num_classes": 0, **(model.model_kwargs or {})})
+        student = RetrofitModule(arch, **settings).student
+    params = list(student.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
