@@ -3,7 +3,7 @@
 from importlib.metadata import version
 
 from .api import retrofit
-from .backbones import load_backbone, load_checkpoint
+from .backbones import load_backbone
 from .cache import TargetCache, teacher_fingerprint
 from .data import RetrofitDataModule
 from .errors import RetrofitError
@@ -31,7 +31,6 @@ __all__ = [
     "forward_tokens",
     "load",
     "load_backbone",
-    "load_checkpoint",
     "patch_features",
     "plant_artifacts",
     "retrofit",

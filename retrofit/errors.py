@@ -20,8 +20,11 @@ def first_line(error: BaseException, limit: int = 160, root: bool = False) -> st
     """
     while root and (error.__cause__ or error.__context__):
         error = error.__cause__ or error.__context__
-    text = str(error).strip()
-    return text.splitlines()[0][:limit] if text else type(error).__name__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]  # "Error(s) in ...:"
+    return text[:limit]
 
 
 def check_settings(checks: Iterable[tuple[bool, str]], owner: str) -> None:

@@ -53,7 +53,8 @@ PLAIN_TIMM = textwrap.dedent("""
 
 
 def test_plain_timm_loads_the_export_without_retrofit(tmp_path):
-    # Default-size model, so the arch + kwargs recipe from DESIGN.md rebuilds the same shapes.
+    # Default-size model, so create_model(arch, reg_tokens=N, no_embed_class=True) rebuilds the same shapes
+    # (docs/method.md, "timm facts").
     student = add_registers(perturb_(timm.create_model("test_vit", pretrained=False)), 4).eval()
     out = export(student, tmp_path / "exp")
     x = torch.randn(2, 3, 160, 160)

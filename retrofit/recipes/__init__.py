@@ -1,7 +1,7 @@
-"""Training recipes: the commented YAML files of ``recipes/``, shipped inside the package.
+"""Training recipes: the commented YAML files of the repository's top-level ``recipes/`` folder.
 
-The folder lives at the top of the repository and the wheel carries it as ``retrofit/recipes``, so
-``retrofit fit --config NAME`` finds a recipe by name from any directory, installed or editable.
+The wheel ships those files inside this package (hatchling ``force-include``), so ``retrofit fit
+--config NAME`` finds a recipe by name from any directory; a source checkout reads the folder itself.
 """
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ from pathlib import Path
 import torch
 from jsonargparse import Namespace
 
-from .backbones import load_backbone
-from .errors import RetrofitError
-from .module import RetrofitModule
+from ..backbones import load_backbone
+from ..errors import RetrofitError
+from ..module import RetrofitModule
 
 SUFFIX = ".yaml"
 
 
 def recipes_dir() -> Path:
-    """The installed recipes (``retrofit/recipes`` in a wheel), else the source checkout's ``recipes/``."""
-    packaged = Path(str(files("retrofit") / "recipes"))
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
+    """This package's own folder when the recipes ship in it (a wheel), else the checkout's ``recipes/``."""
+    packaged = Path(str(files(__name__)))
+    return packaged if any(packaged.glob(f"*{SUFFIX}")) else packaged.parent.parent / "recipes"
 
 
 def recipe_paths() -> list[Path]:
