@@ -37,7 +37,7 @@ from .features import square_size
 from .files import write_json
 from .images import list_images, load_images
 from .module import RetrofitModule
-from .recipes import recipe_path, recipe_paths, resolve_config, trainable_parameters
+from .recipes import recipe_path, recipe_paths, recipes_dir, resolve_config, trainable_parameters
 from .surgery import count_registers
 
 console = Console()
@@ -365,8 +365,9 @@ def recipes_command(markdown: bool = False) -> list[dict[str, str]]:
         for row in rows:
             print("| " + " | ".join(f"`{v}`" if k in ("recipe", "backbone") else v for k, v in row.items()) + " |")
         return rows
-    console.print("Train with a recipe: retrofit fit --config NAME --data.source DIR\n"
-                  "Show one recipe:     retrofit recipe NAME\n")
+    console.print(f"{len(rows)} recipes in {recipes_dir()}", soft_wrap=True)
+    console.print("Train with one: retrofit fit --config NAME --data.source DIR\n"
+                  "Show one:       retrofit recipe NAME\n")
     console.print(_summary_table(rows))
     return rows
 
