@@ -28,11 +28,11 @@ from torchvision.transforms.v2 import functional as TF
 
 from .errors import RetrofitError, check_settings
 from .features import patch_size as model_patch_size
+from .hf import IMAGEFOLDER_PREFIX, is_saved_dataset, open_split
 from .images import data_config, interpolation_mode, list_images, open_rgb
 
 log = logging.getLogger(__name__)
 
-IMAGEFOLDER_PREFIX = "imagefolder:"
 HUB_PREFIX = "hf:"
 _TENSOR_SOURCE = "<tensor>"  # set by RetrofitDataModule.from_tensor only
 MAX_REPLACEMENTS = 16  # unreadable images in a row before a map-style item gives up
@@ -253,13 +253,6 @@ def _nearest_sizes(size: int, patch: int) -> str:
     return " or ".join(str(s) for s in dict.fromkeys((below, above)) if s > 0)
 
 
-def _check_columns(dataset: datasets.Dataset | datasets.IterableDataset, *columns: str | None) -> None:
-    names = dataset.column_names
-    for column in columns:
-        if column is not None and names is not None and column not in names:
-            raise RetrofitError(f"column {column!r} is not in the dataset: pick one of {', '.join(names)}.")
-
-
 def _undecoded(
     dataset: datasets.Dataset | datasets.IterableDataset, column: str
 ) -> datasets.Dataset | datasets.IterableDataset:
@@ -435,7 +428,7 @@ class RetrofitDataModule(L.LightningDataModule):
             self._reader = _TensorReader(self._tensor)
         elif self.source == _TENSOR_SOURCE:
             raise RetrofitError("no image tensor given: build the data module with RetrofitDataModule.from_tensor.")
-        elif self.source.startswith((HUB_PREFIX, IMAGEFOLDER_PREFIX)) or _is_saved_dataset(self.source):
+        elif self.source.startswith((HUB_PREFIX, IMAGEFOLDER_PREFIX)) or is_saved_dataset(self.source):
             self._setup_hf()
         else:
             root = Path(self.source)
@@ -445,7 +438,6 @@ class RetrofitDataModule(L.LightningDataModule):
 
     def _setup_hf(self) -> None:
         dataset, name = self._load_hf()
-        _check_columns(dataset, self.image_column, self.key_column)
         dataset = _undecoded(dataset.select_columns([c for c in (self.image_column, self.key_column) if c]),
                              self.image_column)
         prefix = f"{name}:{self.split}"
@@ -463,30 +455,11 @@ class RetrofitDataModule(L.LightningDataModule):
         self._reader = _HFReader(dataset, self.image_column)
 
     def _load_hf(self) -> tuple[datasets.Dataset | datasets.IterableDataset, str]:
-        """The split as a HF dataset and a short stable name for keys (folder or hub name)."""
-        if self.source.startswith(HUB_PREFIX):
-            name = self.source.removeprefix(HUB_PREFIX)
-            try:
-                return datasets.load_dataset(name, split=self.split, streaming=self.streaming), name
-            except Exception as e:  # hub, network and builder errors all mean: this spec cannot be loaded
-                raise RetrofitError(
-                    f"cannot load Hugging Face dataset {name!r} split {self.split!r} ({type(e).__name__}): "
-                    "check the name and split, or pass a local folder."
-                ) from e
-        if self.source.startswith(IMAGEFOLDER_PREFIX):
-            folder = Path(self.source.removeprefix(IMAGEFOLDER_PREFIX))
-            try:
-                dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split=self.split,
-                                                streaming=self.streaming)
-            except (ValueError, FileNotFoundError) as e:
-                raise RetrofitError(f"imagefolder {folder} has no split {self.split!r} or no images ({e}).") from e
-            return dataset, folder.name
-        loaded = datasets.load_from_disk(self.source)
-        if isinstance(loaded, datasets.DatasetDict):
-            if self.split not in loaded:
-                raise RetrofitError(f"split {self.split!r} is not in {self.source}: pick one of {', '.join(loaded)}.")
-            loaded = loaded[self.split]
-        return loaded, Path(self.source).name
+        """The split as a HF dataset and a short stable name for keys (hub name or folder name)."""
+        spec = self.source.removeprefix(HUB_PREFIX)
+        dataset = open_split(spec, self.split, self.streaming, columns=(self.image_column, self.key_column))
+        name = spec if self.source.startswith(HUB_PREFIX) else Path(spec.removeprefix(IMAGEFOLDER_PREFIX)).name
+        return dataset, name
 
     # ---- loading ----------------------------------------------------------------------------------
 
@@ -546,12 +519,6 @@ class RetrofitDataModule(L.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         self.report()
-
-
-def _is_saved_dataset(source: str) -> bool:
-    """A folder written by HF save_to_disk (a Dataset or a DatasetDict)."""
-    path = Path(source)
-    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
 def _rank_and_world(trainer: L.Trainer | None) -> tuple[int, int]:

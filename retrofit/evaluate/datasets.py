@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import datasets
 import numpy as np
 import torch
 from PIL import Image
@@ -34,7 +33,8 @@ from torch import nn
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
 
-from ..errors import RetrofitError, first_line
+from ..errors import RetrofitError
+from ..hf import open_split
 from ..images import data_config, eval_transform, list_images, open_rgb
 
 BoxFormat = Literal["xyxy", "xywh"]
@@ -228,7 +228,7 @@ def _hf_dataset(
     to_target: Callable[[Any, Image.Image, str], Target],
 ) -> EvalDataset:
     """Rows of a Hugging Face dataset as samples; ``target_column`` may be dotted into a struct column."""
-    ds = _open_hf(spec, split, (image_column, target_column.split(".")[0]))
+    ds = open_split(spec, split, columns=(image_column, target_column.split(".")[0]))
 
     def read(i: int) -> tuple[Image.Image, Target]:
         row = ds[i]
@@ -236,41 +236,6 @@ def _hf_dataset(
         return image, to_target(_dig(row, target_column), image, f"row {i} of {spec}")
 
     return EvalDataset([f"{split or 'row'}/{i}" for i in range(len(ds))], read)
-
-
-def _open_hf(spec: str | Path, split: str | None, columns: Sequence[str]) -> datasets.Dataset:
-    """A Dataset from ``save_to_disk`` output or ``load_dataset``, with the needed columns checked."""
-    path = Path(spec)
-    try:
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            ds = datasets.load_from_disk(str(path))
-        else:
-            ds = datasets.load_dataset(str(spec), split=split)
-    except Exception as e:  # any loader failure means the spec does not name a dataset here; say so in one line
-        reason = first_line(e, root=True)
-        raise RetrofitError(
-            f"cannot open dataset {str(spec)!r} ({reason}): pass an image folder, a save_to_disk folder "
-            "or a Hugging Face dataset name."
-        ) from e
-    if isinstance(ds, datasets.DatasetDict):
-        ds = _pick_split(ds, split, spec)
-    absent = [c for c in columns if c not in ds.column_names]
-    if absent:
-        raise RetrofitError(
-            f"dataset {str(spec)!r} has no column {absent[0]!r} (columns: {', '.join(ds.column_names)}): "
-            "name the right one with image_column / boxes_column / mask_column."
-        )
-    return ds
-
-
-def _pick_split(dd: datasets.DatasetDict, split: str | None, spec: str | Path) -> datasets.Dataset:
-    if split is None and len(dd) == 1:
-        return next(iter(dd.values()))
-    if split not in dd:
-        raise RetrofitError(
-            f"dataset {str(spec)!r} has splits {', '.join(dd)}: choose one with split=... (got {split!r})."
-        )
-    return dd[split]
 
 
 def _dig(row: dict[str, Any], dotted: str) -> Any:
