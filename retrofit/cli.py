@@ -2,9 +2,10 @@
 
 ``fit`` is a LightningCLI over :class:`RetrofitModule` and :class:`RetrofitDataModule` (config files or
 recipe names, dotted overrides, ``--print_config``, the resolved config saved beside the run). Every other
-command is a plain function below that jsonargparse's ``auto_cli`` turns into a subcommand from its typed
-signature and docstring, as litgpt does. All parsers refuse abbreviated options and report a bad
-configuration as one line naming the field (with the nearest option for a typo), before any model is built.
+command is a plain function (here and in :mod:`retrofit.commands`) that jsonargparse's ``auto_cli`` turns
+into a subcommand from its typed signature and docstring, from the nested dict ``COMMANDS``, as litgpt
+does. All parsers refuse abbreviated options and report a bad configuration as one line naming the field
+(with the nearest option for a typo), before any model is built.
 """
 
 from __future__ import annotations
@@ -15,32 +16,29 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, NoReturn
 
 import lightning as L
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, auto_cli, set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 
-from . import __version__
-from .backbones import load_backbone
+from . import __version__, commands
 from .callbacks import RegisterExport, StepProgressBar
+from .commands import console
 from .data import RetrofitDataModule
-from .demo import run_demo
-from .diagnose import REPORT_NAME, diagnose, render_table
 from .errors import RetrofitError
-from .evaluate import box_dataset, evaluate_lost, evaluate_probe, mask_dataset
-from .features import square_size
-from .files import write_json
-from .images import list_images, load_images
 from .module import RetrofitModule
-from .recipes import recipe_path, recipe_paths, recipes_dir, resolve_config, trainable_parameters
-from .surgery import count_registers
-
-console = Console()
+from .recipes import (
+    markdown_table,
+    recipe_path,
+    recipe_paths,
+    recipe_summary,
+    recipes_dir,
+    resolve_config,
+    summary_table,
+)
 
 # ---- parsing ------------------------------------------------------------------------------------------
 
@@ -159,198 +157,7 @@ def fit(args: Sequence[str]) -> Path:
     return out
 
 
-# ---- models and images --------------------------------------------------------------------------------
-
-
-def _label(spec: str) -> str:
-    return Path(spec).name or spec
-
-
-def diagnose_command(
-    model: str,
-    *,
-    images: str,
-    out: str = "diagnose_out",
-    compare: str | None = None,
-    checkpoint: str | None = None,
-    compare_checkpoint: str | None = None,
-    img_size: int | None = None,
-    max_images: int = 8,
-    k: float = 3.0,
-    threshold: float | None = None,
-    layers: list[int] | None = None,
-    batch_size: int = 8,
-) -> dict[str, Any]:
-    """Measure a model's artifacts: per-layer norm table, diagnose.json and one PNG of maps per image.
-
-    Args:
-        model: timm name, export directory, or timm name with --checkpoint (see retrofit.load_backbone).
-        images: folder of images (searched recursively).
-        out: folder for diagnose.json and the PNGs.
-        compare: a second model shown beside the first (e.g. the original vs the retrofitted one).
-        checkpoint: local weights file for a timm name in MODEL.
-        compare_checkpoint: local weights file for a timm name in --compare.
-        img_size: square input size (default: the model's own).
-        max_images: use the first N images of the folder.
-        k: outlier factor: norm above k x (or below 1/k x) the image median.
-        threshold: absolute norm threshold for high-norm outliers instead of k (e.g. 150 as in Darcet et al.).
-        layers: block indices to measure (default: all).
-        batch_size: images per forward.
-    """
-    first = load_backbone(model, checkpoint)
-    second = None if compare is None else load_backbone(compare, compare_checkpoint)
-    paths = list_images(images)[:max_images]
-    batch = load_images(paths, square_size(first, img_size), first)
-    labels = (_label(model), _label(compare or ""))
-    labels = labels if compare is None or labels[0] != labels[1] else ("model", "compare")
-    names = [p.relative_to(images).as_posix() for p in paths]
-    report = diagnose(first, batch, out, second, k=k, layers=layers, names=names, labels=labels,
-                      threshold=threshold, batch_size=batch_size, progress=True)
-    console.print(render_table(report))
-    console.print(f"wrote {Path(out) / REPORT_NAME} and {len(report['figures'])} figures to {out}", soft_wrap=True)
-    return report
-
-
-def _report(title: str, result: dict[str, Any], out: str | None, shown: Sequence[str]) -> dict[str, Any]:
-    table = Table("metric", "value", title=title)
-    for name in shown:
-        value = result[name]
-        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
-    console.print(table)
-    if out is not None:
-        console.print(f"wrote {write_json(result, out)}", soft_wrap=True)
-    return result
-
-
-def eval_lost_command(
-    model: str,
-    *,
-    dataset: str,
-    checkpoint: str | None = None,
-    boxes: str | None = None,
-    box_format: Literal["xyxy", "xywh"] = "xyxy",
-    split: str | None = None,
-    img_size: int | None = None,
-    k: int = 100,
-    batch_size: int = 16,
-    out: str | None = None,
-) -> dict[str, Any]:
-    """LOST object discovery: CorLoc of the box found from the last block's keys (Simeoni et al.).
-
-    Args:
-        model: timm name, export directory, or timm name with --checkpoint (see retrofit.load_backbone).
-        dataset: image folder with boxes.json, or a Hugging Face dataset (saved folder or hub name).
-        checkpoint: local weights file for a timm name in MODEL.
-        boxes: JSON {"relative/path.jpg": [[x0, y0, x1, y1], ...]} for an image folder.
-        box_format: xyxy (VOC corners) or xywh (COCO).
-        split: dataset split for Hugging Face data.
-        img_size: square evaluation size (default: the model's own).
-        k: LOST's number of seed-expansion patches.
-        batch_size: images per forward.
-        out: write the full result (per-image boxes) to this JSON file.
-    """
-    backbone = load_backbone(model, checkpoint)
-    data = box_dataset(dataset, boxes, box_format, split)
-    result = evaluate_lost(backbone, data, img_size=img_size, k=k, batch_size=batch_size, progress=True)
-    return _report(f"LOST on {dataset}", result, out, ("corloc", "n", "skipped"))
-
-
-def eval_probe_command(
-    model: str,
-    *,
-    train: str,
-    val: str,
-    num_classes: int,
-    checkpoint: str | None = None,
-    epochs: int = 10,
-    lr: float = 1e-3,
-    img_size: int | None = None,
-    batch_size: int = 16,
-    seed: int = 0,
-    out: str | None = None,
-) -> dict[str, Any]:
-    """Linear-probe segmentation: a linear head on frozen patch features, mIoU on the validation set.
-
-    Args:
-        model: timm name, export directory, or timm name with --checkpoint (see retrofit.load_backbone).
-        train: training masks: a folder with images/ and masks/, or a Hugging Face dataset.
-        val: validation masks, same forms as train.
-        num_classes: number of classes (mask value 255 is ignored).
-        checkpoint: local weights file for a timm name in MODEL.
-        epochs: passes of the linear head over the training features.
-        lr: learning rate of the linear head.
-        img_size: square evaluation size (default: the model's own).
-        batch_size: images per forward.
-        seed: seeds the head's init and order.
-        out: write the full result (per-class IoU) to this JSON file.
-    """
-    backbone = load_backbone(model, checkpoint)
-    result = evaluate_probe(backbone, mask_dataset(train), mask_dataset(val), num_classes, epochs=epochs, lr=lr,
-                            img_size=img_size, batch_size=batch_size, seed=seed, progress=True)
-    return _report(f"Linear probe on {val}", result, out, ("miou", "accuracy", "train_loss", "n_train", "n_val"))
-
-
-def export_command(checkpoint: str, *, out: str, backbone: str | None = None, overwrite: bool = False) -> Path:
-    """Turn a training checkpoint (.ckpt from fit) into a timm-native model directory (LoRA merged).
-
-    Args:
-        checkpoint: Lightning .ckpt written by retrofit fit.
-        out: directory to write (model.safetensors + config.json); timm.create_model('local-dir:OUT') reads it.
-        backbone: timm name of the original model, when the run started from a Python model object.
-        overwrite: replace an existing non-empty OUT.
-    """
-    module, step = RetrofitModule.from_checkpoint(checkpoint, backbone)
-    path = module.export(out, overwrite=overwrite, step=step)
-    registers = count_registers(module.student_vit)
-    console.print(f"exported {path} ({registers} registers in total, step {step})", soft_wrap=True)
-    return path
-
-
-def demo_command(out: str = "demo_out", steps: int = 100, num_images: int = 48, overwrite: bool = True) -> dict:
-    """Offline demo: retrofit a small ViT with planted (synthetic) artifacts; before/after maps and numbers.
-
-    Args:
-        out: folder for maps/ (before/after PNGs), metrics.json and model/ (the timm-native export).
-        steps: training steps (fewer: faster, less clean).
-        num_images: synthetic training images to make.
-        overwrite: replace the results of an earlier demo in OUT.
-    """
-    return run_demo(out, steps=steps, num_images=num_images, overwrite=overwrite, console=console)
-
-
 # ---- recipes ------------------------------------------------------------------------------------------
-
-
-def _short(x: float) -> str:
-    return f"{x:.0e}".replace("e-0", "e-")
-
-
-def recipe_summary(path: Path) -> dict[str, str]:
-    """What a recipe trains, read through fit's own parser (so it is validated) and counted on the meta device."""
-    config = fit_config(["--config", str(path), "--data.source", "."])
-    trainable, total = trainable_parameters(config.model)
-    return {
-        "recipe": path.stem,
-        "backbone": config.model.backbone,
-        "registers": str(config.model.num_registers),
-        "px": str(config.data.img_size),
-        "lr": f"{_short(config.model.lr)} -> {_short(config.model.min_lr)}",
-        "batch": str(config.data.batch_size),
-        "steps": str(config.trainer.max_steps),
-        "trainable params": f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M",
-    }
-
-
-def _summary_table(rows: list[dict[str, str]]) -> Table:
-    """Two columns, so a narrow terminal wraps a recipe's settings between words, never inside a name."""
-    table = Table.grid(padding=(0, 2, 1, 0))
-    table.add_column(no_wrap=True, style="bold")
-    table.add_column()
-    for row in rows:
-        table.add_row(row["recipe"], f"{row['backbone']}\n{row['registers']} registers, {row['px']} px, "
-                      f"lr {row['lr']}, batch {row['batch']}, {row['steps']} steps; "
-                      f"trains {row['trainable params']} parameters")
-    return table
 
 
 def recipes_command(markdown: bool = False) -> list[dict[str, str]]:
@@ -359,16 +166,14 @@ def recipes_command(markdown: bool = False) -> list[dict[str, str]]:
     Args:
         markdown: print a Markdown table instead (the one in recipes/README.md).
     """
-    rows = [recipe_summary(p) for p in recipe_paths()]
+    rows = [recipe_summary(p, fit_config(["--config", str(p), "--data.source", "."])) for p in recipe_paths()]
     if markdown:
-        print("| " + " | ".join(rows[0]) + " |\n|" + " --- |" * len(rows[0]))
-        for row in rows:
-            print("| " + " | ".join(f"`{v}`" if k in ("recipe", "backbone") else v for k, v in row.items()) + " |")
+        print(markdown_table(rows))
         return rows
     console.print(f"{len(rows)} recipes in {recipes_dir()}", soft_wrap=True)
     console.print("Train with one: retrofit fit --config NAME --data.source DIR\n"
                   "Show one:       retrofit recipe NAME\n")
-    console.print(_summary_table(rows))
+    console.print(summary_table(rows))
     return rows
 
 
@@ -379,20 +184,20 @@ def recipe_command(name: str) -> dict[str, str]:
         name: the recipe's name, as `retrofit recipes` lists it.
     """
     path = recipe_path(name)
-    row = recipe_summary(path)
+    row = recipe_summary(path, fit_config(["--config", str(path), "--data.source", "."]))
     console.print(f"# {path}", style="dim", soft_wrap=True)
     console.print(path.read_text(), markup=False, highlight=False, soft_wrap=True)  # the terminal wraps, not us
-    console.print(_summary_table([row]))
+    console.print(summary_table([row]))
     return row
 
 
 COMMANDS: dict[str, Any] = {
     "fit": fit,  # listed in `retrofit --help`; main() hands fit's arguments to RetrofitCLI
-    "diagnose": diagnose_command,
+    "diagnose": commands.diagnose_command,
     "eval": {"_help": "Downstream evaluation of dense features: eval lost | eval probe.",
-             "lost": eval_lost_command, "probe": eval_probe_command},
-    "export": export_command,
-    "demo": demo_command,
+             "lost": commands.eval_lost_command, "probe": commands.eval_probe_command},
+    "export": commands.export_command,
+    "demo": commands.demo_command,
     "recipes": recipes_command,
     "recipe": recipe_command,
 }

@@ -173,7 +173,7 @@ def test_hf_saved_dataset(tmp_path):
                                   **common)
     (batch,) = batches(streamed)
     assert batch["key"] == ["x", "y", "z"]
-    with pytest.raises(RetrofitError, match="has no column .image. \(columns: img, id\)"):
+    with pytest.raises(RetrofitError, match=r"has no column .image. \(columns: img, id\)"):
         RetrofitDataModule(str(tmp_path / "flowers"), **common).setup()
 
 

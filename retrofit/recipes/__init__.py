@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
+from rich.table import Table
 
 from ..backbones import load_backbone
 from ..errors import RetrofitError
@@ -59,3 +60,42 @@ def trainable_parameters(model: Namespace) -> tuple[int, int]:
         student = RetrofitModule(arch, **settings).student
     params = list(student.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _short(x: float) -> str:
+    return f"{x:.0e}".replace("e-0", "e-")
+
+
+def recipe_summary(path: Path, config: Namespace) -> dict[str, str]:
+    """What a recipe trains, from its resolved fit ``config``, with the student counted on the meta device."""
+    trainable, total = trainable_parameters(config.model)
+    return {
+        "recipe": path.stem,
+        "backbone": config.model.backbone,
+        "registers": str(config.model.num_registers),
+        "px": str(config.data.img_size),
+        "lr": f"{_short(config.model.lr)} -> {_short(config.model.min_lr)}",
+        "batch": str(config.data.batch_size),
+        "steps": str(config.trainer.max_steps),
+        "trainable params": f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M",
+    }
+
+
+def summary_table(rows: list[dict[str, str]]) -> Table:
+    """Two columns, so a narrow terminal wraps a recipe's settings between words, never inside a name."""
+    table = Table.grid(padding=(0, 2, 1, 0))
+    table.add_column(no_wrap=True, style="bold")
+    table.add_column()
+    for row in rows:
+        table.add_row(row["recipe"], f"{row['backbone']}\n{row['registers']} registers, {row['px']} px, "
+                      f"lr {row['lr']}, batch {row['batch']}, {row['steps']} steps; "
+                      f"trains {row['trainable params']} parameters")
+    return table
+
+
+def markdown_table(rows: list[dict[str, str]]) -> str:
+    """The summaries as the Markdown table of recipes/README.md."""
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(rows[0])]
+    lines += ["| " + " | ".join(f"`{v}`" if k in ("recipe", "backbone") else v for k, v in row.items()) + " |"
+              for row in rows]
+    return "\n".join(lines)
