@@ -31,6 +31,7 @@ from .data import RetrofitDataModule
 from .errors import RetrofitError
 from .module import RetrofitModule
 from .recipes import (
+    fold_comments,
     markdown_table,
     recipe_path,
     recipe_paths,
@@ -186,7 +187,7 @@ def recipe_command(name: str) -> dict[str, str]:
     path = recipe_path(name)
     row = recipe_summary(path, fit_config(["--config", str(path), "--data.source", "."]))
     console.print(f"# {path}", style="dim", soft_wrap=True)
-    console.print(path.read_text(), markup=False, highlight=False, soft_wrap=True)  # the terminal wraps, not us
+    console.print(fold_comments(path.read_text(), console.width), markup=False, highlight=False, soft_wrap=True)
     console.print(summary_table([row]))
     return row
 

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 import timm
+import yaml
 
 from retrofit.cli import console, fit_config, main, recipes_command
-from retrofit.recipes import recipe_paths, recipes_dir, trainable_parameters
+from retrofit.recipes import fold_comments, recipe_paths, recipes_dir, trainable_parameters
 
 RECIPES = recipe_paths()
 LEAF_KEY = re.compile(r"^\s*(- )?[\w_]+: \S")
@@ -71,14 +72,27 @@ def test_recipes_read_well_at_80_columns(capsys: pytest.CaptureFixture[str], mon
     assert listed.count("trains ") == len(RECIPES) and listed.count(" parameters") == len(RECIPES)
 
 
+def _comment_words(text: str) -> list[str]:
+    return [w for line in text.splitlines() if "#" in line for w in line.split("#", 1)[1].split()]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_folded_recipe_fits_80_columns_and_keeps_every_word(path: Path) -> None:
+    text = path.read_text()
+    folded = fold_comments(text, 80)
+    assert yaml.safe_load(folded) == yaml.safe_load(text) and _comment_words(folded) == _comment_words(text)
+    assert max(len(line) for line in folded.splitlines()) <= 80
+
+
 def test_recipe_shows_the_whole_yaml_and_its_parameter_count(capsys: pytest.CaptureFixture[str],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(console, "width", 80)
     assert main(["recipe", "dinov2_vitb14_reg4"]) == 0
-    shown = capsys.readouterr().out.splitlines()
+    shown = capsys.readouterr().out
     path = recipes_dir() / "dinov2_vitb14_reg4.yaml"
-    assert all(line in shown for line in path.read_text().splitlines())  # comments are never cut
-    assert any("trains 8.60M of 86.6M parameters" in line for line in shown)
+    assert fold_comments(path.read_text(), 80) in shown  # every comment whole, wrapped between words
+    assert max(len(line) for line in shown.splitlines()[1:]) <= 80  # the first line names the file's path
+    assert "trains 8.60M of 86.6M parameters" in shown
     assert main(["recipe", "dinov2_vitb14_reg5"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no recipe or config file 'dinov2_vitb14_reg5'" in err
