@@ -44,8 +44,12 @@ from .recipes import (
 # ---- parsing ------------------------------------------------------------------------------------------
 
 
-class OneLineErrors:
-    """Parser mixin: every jsonargparse error becomes one RetrofitError line; an unknown option gets the nearest."""
+class Strict:
+    """Parser mixin: options are never abbreviated, and every error is one RetrofitError line naming the field
+    (an unknown option gets the nearest real one)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         parser = getattr(ex, "subcommand_parser", None) or self
@@ -58,14 +62,12 @@ class OneLineErrors:
         raise RetrofitError(f"invalid configuration: {text} (`{prog} --help` lists the options).")
 
 
-class CommandParser(OneLineErrors, ArgumentParser):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+class CommandParser(Strict, ArgumentParser):
+    pass
 
 
-class FitParser(OneLineErrors, LightningArgumentParser):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+class FitParser(Strict, LightningArgumentParser):
+    pass
 
 
 class RecipeOrFile(ActionConfigFile):
@@ -161,13 +163,17 @@ def fit(args: Sequence[str]) -> Path:
 # ---- recipes ------------------------------------------------------------------------------------------
 
 
+def _summary(path: Path) -> dict[str, str]:
+    return recipe_summary(path, fit_config(["--config", str(path), "--data.source", "."]))  # validated by fit's parser
+
+
 def recipes_command(markdown: bool = False) -> list[dict[str, str]]:
     """List the shipped training recipes: backbone, settings and trainable parameters of each.
 
     Args:
         markdown: print a Markdown table instead (the one in recipes/README.md).
     """
-    rows = [recipe_summary(p, fit_config(["--config", str(p), "--data.source", "."])) for p in recipe_paths()]
+    rows = [_summary(p) for p in recipe_paths()]
     if markdown:
         print(markdown_table(rows))
         return rows
@@ -185,7 +191,7 @@ def recipe_command(name: str) -> dict[str, str]:
         name: the recipe's name, as `retrofit recipes` lists it.
     """
     path = recipe_path(name)
-    row = recipe_summary(path, fit_config(["--config", str(path), "--data.source", "."]))
+    row = _summary(path)
     console.print(f"# {path}", style="dim", soft_wrap=True)
     console.print(fold_comments(path.read_text(), console.width), markup=False, highlight=False, soft_wrap=True)
     console.print(summary_table([row]))
