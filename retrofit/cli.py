@@ -9,6 +9,7 @@ error is reported as one line naming the field, before any model is built.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import logging
 import re
@@ -22,9 +23,12 @@ from typing import Any, Literal, get_type_hints
 import docstring_parser
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.syntax import Syntax
 from rich.table import Table
 
@@ -38,6 +42,8 @@ from .errors import RetrofitError, first_line
 from .evaluate import box_dataset, evaluate_lost, evaluate_probe, mask_dataset
 from .features import square_size
 from .files import write_json
+from .hub import check_repo
+from .hub import push_to_hub as hub_push
 from .images import list_images, load_images
 from .module import RetrofitModule
 
@@ -106,6 +112,8 @@ class RetrofitCLI(LightningCLI):
                             help="Resume training from this Lightning checkpoint (written by an earlier fit).")
         parser.add_argument("--export_dir", type=str | None, default=None,
                             help="Where the timm-native model is written at the end (default: <log_dir>/model).")
+        parser.add_argument("--push_to_hub", type=str | None, default=None,
+                            help="Also upload the final model to this Hugging Face Hub repo (USER/NAME).")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Sequence[str]) -> None:
         self.config = _parse(parser, args)
@@ -113,6 +121,18 @@ class RetrofitCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         if self._instantiate:
             super().instantiate_classes()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Unless a logger is configured: TensorBoard when it is installed, else CSV (no warning either way)."""
+        trainer = self._get(self.config_init, "trainer", default={})
+        if trainer.get("logger") in (None, True):
+            root = trainer.get("default_root_dir") or Path.cwd()
+            kwargs["logger"] = TensorBoardLogger(root) if _tensorboard_available() else CSVLogger(root)
+        return super().instantiate_trainer(**kwargs)
+
+
+def _tensorboard_available() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
 
 
 def fit_config(args: Sequence[str]) -> Namespace:
@@ -133,9 +153,12 @@ def fit(args: Sequence[str], prog: str = "retrofit fit") -> Path:
     cli = RetrofitCLI(args)
     trainer = cli.trainer
     out = Path(cli.config.export_dir or Path(trainer.log_dir or trainer.default_root_dir) / "model")
-    trainer.callbacks.append(RegisterExport(out))
+    export = RegisterExport(out, push_to_hub=cli.config.push_to_hub)
+    trainer.callbacks.append(export)
     trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     console.print(f"retrofitted model: [bold]{out}[/] (config and checkpoints in {trainer.log_dir})")
+    if export.pushed_url:
+        console.print(f"pushed: {export.pushed_url}")
     return out
 
 
@@ -315,19 +338,39 @@ def module_from_checkpoint(path: str | Path, backbone: str | None = None) -> tup
     return module, ckpt
 
 
-def export_command(checkpoint: str, out: str, backbone: str | None = None, overwrite: bool = False) -> Path:
+def _run_facts(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The run's images and resolution as RegisterExport kept them in the checkpoint (for the model card)."""
+    states = ckpt.get("callbacks") or {}
+    return next((dict(v.get("facts") or {}) for k, v in states.items() if str(k).startswith("RegisterExport")), {})
+
+
+def export_command(checkpoint: str, out: str, backbone: str | None = None, overwrite: bool = False,
+                   diagnose: str | None = None, push_to_hub: str | None = None, private: bool = False) -> Path:
     """Turn a training checkpoint (.ckpt from fit) into a timm-native model directory (LoRA merged).
 
     Args:
         checkpoint: Lightning .ckpt written by retrofit fit.
-        out: directory to write (model.safetensors + config.json); timm.create_model('local-dir:OUT') reads it.
+        out: directory to write (model.safetensors, config.json, README.md model card);
+            timm.create_model('local-dir:OUT', pretrained=True) reads it.
         backbone: timm name of the original model, when the run started from a Python model object.
         overwrite: replace an existing non-empty OUT.
+        diagnose: folder (or diagnose.json) of `retrofit diagnose MODEL --compare ORIGINAL`: its
+            before/after numbers go into the model card.
+        push_to_hub: also upload OUT to this Hugging Face Hub repo (USER/NAME) with timm's push_to_hf_hub;
+            timm.create_model('hf-hub:USER/NAME', pretrained=True) then loads it. Needs `hf auth login`.
+        private: create the Hub repo as private.
     """
+    if push_to_hub is not None:
+        check_repo(push_to_hub)
     module, ckpt = module_from_checkpoint(checkpoint, backbone)
     step = int(ckpt.get("global_step", 0))
-    path = module.export(out, overwrite=overwrite, step=step)
+    path = module.export(out, overwrite=overwrite, diagnose_report=diagnose, repo_id=push_to_hub,
+                         **{**_run_facts(ckpt), "step": step})
     console.print(f"exported {path} ({module.hparams.num_registers} registers, step {step})")
+    if push_to_hub is not None:
+        with console.status(f"pushing {path} to the Hugging Face Hub as {push_to_hub}"):
+            url = hub_push(path, push_to_hub, private=private)
+        console.print(f"pushed: {url}\nload it with timm.create_model(\"hf-hub:{push_to_hub}\", pretrained=True)")
     return path
 
 
@@ -492,9 +535,20 @@ COMMANDS: dict[str, tuple[str, Runner]] = {
 }
 
 
+def _show_timm_messages() -> None:
+    """timm's INFO lines (which weights load from where: Hub, URL, file; position embedding resized)."""
+    timm_log = logging.getLogger("timm")
+    if not any(isinstance(h, RichHandler) for h in timm_log.handlers):
+        handler = RichHandler(console=console, show_time=False, show_level=False, show_path=False)
+        handler.setFormatter(logging.Formatter("timm: %(message)s"))
+        timm_log.addHandler(handler)
+    timm_log.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: errors print as one line (no traceback) and exit with status 1."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _show_timm_messages()
     if args[:1] == ["--version"]:
         print(f"retrofit {__version__}")
         return 0

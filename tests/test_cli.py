@@ -1,5 +1,6 @@
 """The `retrofit` CLI end to end, in process, on a tiny test_vit and made-up images (no downloads)."""
 
+import io
 import json
 from pathlib import Path
 
@@ -54,9 +55,21 @@ def fit_args(ws: dict[str, Path], run: str, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def fitted(workspace: dict[str, Path]) -> Path:
-    """One short fit with command-line overrides; returns its log dir."""
-    assert main(fit_args(workspace, "run", "--model.num_registers", "2", "--model.lr", "3e-4")) == 0
+    """One short fit with command-line overrides and map/artifact callbacks every step; returns its log dir."""
+    every_step = ["--trainer.callbacks+=retrofit.callbacks.NormMapLogger", "--trainer.callbacks.every_n_steps=1",
+                  "--trainer.callbacks+=retrofit.callbacks.ArtifactMonitor", "--trainer.callbacks.every_n_steps=1"]
+    assert main(fit_args(workspace, "run", "--model.num_registers", "2", "--model.lr", "3e-4", *every_step)) == 0
     return workspace["root"] / "run" / "lightning_logs" / "version_0"
+
+
+@pytest.fixture(scope="module")
+def compared(fitted: Path, workspace: dict[str, Path]) -> Path:
+    """`retrofit diagnose` of the fitted model against its original; returns the output folder."""
+    out = workspace["root"] / "diagnose"
+    args = ["diagnose", str(fitted / "model"), "--images", str(workspace["images"]),
+            "--compare", str(workspace["model"]), "--out", str(out), "--max_images", "3"]
+    assert main(args) == 0
+    return out
 
 
 def test_fit_saves_resolved_config_checkpoint_and_timm_export(fitted: Path) -> None:
@@ -65,7 +78,9 @@ def test_fit_saves_resolved_config_checkpoint_and_timm_export(fitted: Path) -> N
     assert config["trainer"]["max_steps"] == 2
     model = load(fitted / "model")
     assert count_registers(model) == 2
-    assert json.loads((fitted / "model" / "config.json").read_text())["retrofit"]["step"] == 2
+    info = json.loads((fitted / "model" / "config.json").read_text())["retrofit"]
+    assert (info["step"], info["freeze"], info["img_size"]) == (2, "phreg", SIZE)  # the run, for the model card
+    assert "**Registers:** 2" in (fitted / "model" / "README.md").read_text()
     assert list((fitted / "checkpoints").glob("*.ckpt"))
 
 
@@ -158,15 +173,41 @@ def test_unknown_command_and_missing_model_are_one_line(tmp_path: Path, capsys: 
     assert len(lines) == 2 and "unknown command 'trian'" in lines[0] and "--checkpoint" in lines[1]
 
 
-def test_diagnose_compare_writes_json_and_pngs(fitted: Path, workspace: dict[str, Path]) -> None:
-    out = workspace["root"] / "diagnose"
-    args = ["diagnose", str(fitted / "model"), "--images", str(workspace["images"]),
-            "--compare", str(workspace["model"]), "--out", str(out), "--max_images", "3"]
-    assert main(args) == 0
-    report = json.loads((out / "diagnose.json").read_text())
+def test_diagnose_compare_writes_json_pngs_and_page(compared: Path) -> None:
+    report = json.loads((compared / "diagnose.json").read_text())
     assert [m["num_registers"] for m in report["models"]] == [2, 0]
     assert [m["label"] for m in report["models"]] == ["model", "original"]
-    assert len(list(out.glob("0*_img*.png"))) >= 3 and len(report["images"]) == 3
+    assert len(list(compared.glob("0*_img*.png"))) >= 3 and len(report["images"]) == 3
+    assert 0 < report["cosine"]["p5"] <= report["cosine"]["mean"] <= 1
+    assert (compared / "index.html").read_text().count('<img src="data:image/png;base64,') == 6  # maps + heads
+
+
+def test_fit_sends_maps_and_scalars_to_tensorboard(fitted: Path) -> None:
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = event_accumulator.EventAccumulator(str(fitted), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    maps = events.Images("norm_maps")
+    assert [m.step for m in maps] == [0, 1, 2]  # before training and after each step
+    image = np.asarray(Image.open(io.BytesIO(maps[-1].encoded_image_string)))
+    assert image.shape == (maps[-1].height, maps[-1].width, 3) and image.std() > 10  # a figure, not a blank
+    outliers = events.Scalars("artifacts/outlier_high")
+    assert [s.step for s in outliers] == [0, 1, 2] and all(0 <= s.value <= 1 for s in outliers)
+    assert not (fitted / "norm_maps").exists()  # TensorBoard took the maps: no PNG fallback
+
+
+def test_export_with_diagnose_card_and_push(fitted: Path, compared: Path, workspace: dict[str, Path],
+                                            fake_hub) -> None:
+    ckpt = next((fitted / "checkpoints").glob("*.ckpt"))
+    out = workspace["root"] / "pushed"
+    assert main(["export", str(ckpt), "--out", str(out), "--diagnose", str(compared),
+                 "--push_to_hub", "user/tiny-reg2"]) == 0
+    info = json.loads((out / "config.json").read_text())["retrofit"]
+    assert (info["step"], info["batch_size"], info["img_size"], info["train_images"]) == (2, 4, SIZE, 8)
+    card = (out / "README.md").read_text()
+    assert "| high-norm outlier tokens" in card and "**Images:** 8 seen (4 per step), 8 distinct" in card
+    (upload,) = fake_hub.uploads
+    assert upload["repo_id"] == "user/tiny-reg2" and upload["files"]["README.md"].decode() == card
+    assert json.loads(upload["files"]["config.json"])["model_args"]["reg_tokens"] == 2
 
 
 def test_eval_lost_and_probe(workspace: dict[str, Path]) -> None:
