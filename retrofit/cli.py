@@ -46,6 +46,7 @@ from .hub import check_repo
 from .hub import push_to_hub as hub_push
 from .images import list_images, load_images
 from .module import RetrofitModule
+from .page import PAGE_NAME
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 console = Console()
@@ -210,7 +211,8 @@ def diagnose_command(
     report = diagnose(first, batch, out, second, k=k, layers=layers, names=names, labels=labels,
                       threshold=threshold, batch_size=batch_size, progress=True)
     console.print(render_table(report))
-    console.print(f"wrote {Path(out) / REPORT_NAME} and {len(report['figures'])} figures to {out}")
+    console.print(f"wrote {Path(out) / PAGE_NAME} (the report on one page: open it in a browser), "
+                  f"{REPORT_NAME} and {len(report['figures'])} figures")
     return report
 
 
@@ -535,12 +537,17 @@ COMMANDS: dict[str, tuple[str, Runner]] = {
 }
 
 
+TIMM_MESSAGES = ("Loading pretrained weights from Hugging Face hub", "Loading pretrained weights from url",
+                 "Downloading", "Resized position embedding")
+
+
 def _show_timm_messages() -> None:
-    """timm's INFO lines (which weights load from where: Hub, URL, file; position embedding resized)."""
+    """timm's INFO lines a person waiting wants: which weights download from where, a resized position embedding."""
     timm_log = logging.getLogger("timm")
     if not any(isinstance(h, RichHandler) for h in timm_log.handlers):
         handler = RichHandler(console=console, show_time=False, show_level=False, show_path=False)
         handler.setFormatter(logging.Formatter("timm: %(message)s"))
+        handler.addFilter(lambda record: record.getMessage().startswith(TIMM_MESSAGES))
         timm_log.addHandler(handler)
     timm_log.setLevel(logging.INFO)
 

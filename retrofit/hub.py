@@ -27,7 +27,9 @@ def check_repo(repo_id: str, token: str | None = None) -> str:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise RetrofitError(f"{repo_id!r} is not a Hub repo id ({first_line(e, 80)}): use USER/NAME.") from e
+        raise RetrofitError(
+            f"{repo_id!r} is not a Hub repo id: use USER/NAME of letters, digits, '-', '_' and '.'."
+        ) from e
     if "/" not in repo_id:
         raise RetrofitError(f"{repo_id!r} names no owner: use USER/NAME (or ORG/NAME).")
     if token is None and get_token() is None:
@@ -41,8 +43,8 @@ def _fix(error: Exception) -> str:
     if isinstance(error, LocalTokenNotFoundError) or status in (401, 403):
         return LOGIN_HINT
     if isinstance(error, OfflineModeIsEnabled):
-        return "unset HF_HUB_OFFLINE, then push again"
-    return "check the network and the repo id, then push again"
+        return "unset HF_HUB_OFFLINE and run again"
+    return "check the network and the repo id, then run again"
 
 
 def push_to_hub(
