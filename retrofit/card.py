@@ -20,6 +20,7 @@ from torch import nn
 
 from .diagnose import REPORT_NAME
 from .errors import RetrofitError, first_line
+from .page import percent
 
 CARD_NAME = "README.md"
 TASK = "image-feature-extraction"
@@ -95,16 +96,12 @@ def before_after(report: Mapping[str, Any] | str | Path, num_registers: int) -> 
     }
 
 
-def _percent(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
 def _comparison_text(c: Mapping[str, Any]) -> str:
     before, after = c["original"], c["retrofitted"]
     cut = f"norm > {c['threshold']:g}" if c.get("threshold") else f"> {c['k']:g}x the image's median norm"
     rows = [
-        (f"high-norm outlier tokens ({cut})", _percent(before["high"]), _percent(after["high"])),
-        (f"low-norm outlier tokens (< 1/{c['k']:g}x the median)", _percent(before["low"]), _percent(after["low"])),
+        (f"high-norm outlier tokens ({cut})", percent(before["high"]), percent(after["high"])),
+        (f"low-norm outlier tokens (< 1/{c['k']:g}x the median)", percent(before["low"]), percent(after["low"])),
         ("max patch-token norm", f"{before['max']:.4g}", f"{after['max']:.4g}"),
         ("median patch-token norm", f"{before['median']:.4g}", f"{after['median']:.4g}"),
         ("max / median norm", f"{before['max'] / before['median']:.3g}", f"{after['max'] / after['median']:.3g}"),

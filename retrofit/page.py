@@ -43,8 +43,9 @@ def _e(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _percent(x: float) -> str:
-    return f"{100 * x:.2f}%"
+def percent(fraction: float) -> str:
+    """How reports show a fraction of tokens (the page, the model card)."""
+    return f"{100 * fraction:.2f}%"
 
 
 def _cell(text: str, css: str = "") -> str:
@@ -60,7 +61,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: i
 
 
 def _outlier_cell(fraction: float) -> str:
-    return _cell(_percent(fraction), "bad" if fraction > 0 else "")
+    return _cell(percent(fraction), "bad" if fraction > 0 else "")
 
 
 def _models_table(report: Mapping[str, Any]) -> str:
