@@ -11,6 +11,7 @@ does. All parsers refuse abbreviated options and report a bad configuration as o
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import logging
 import sys
 import warnings
@@ -21,7 +22,8 @@ from typing import Any, NoReturn
 import lightning as L
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, auto_cli, set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from rich.logging import RichHandler
 from torch import nn
 
 from . import __version__, commands
@@ -29,6 +31,7 @@ from .callbacks import RegisterExport, StepProgressBar
 from .commands import console
 from .data import RetrofitDataModule
 from .errors import RetrofitError
+from .hub import check_repo
 from .module import RetrofitModule
 from .recipes import (
     fold_comments,
@@ -81,7 +84,8 @@ class RecipeOrFile(ActionConfigFile):
 
 
 class RetrofitCLI(LightningCLI):
-    """``retrofit fit``: LightningCLI with the retrofit classes, step progress, metrics.csv and a final export.
+    """``retrofit fit``: LightningCLI with the retrofit classes, step progress, a default logger, metrics.csv and a
+    final export (optionally pushed to the Hub).
 
     With ``instantiate=False`` it only parses and validates (recipes are checked this way, no model built).
     """
@@ -116,14 +120,30 @@ class RetrofitCLI(LightningCLI):
                             help="Resume training from this Lightning checkpoint (written by an earlier fit).")
         parser.add_argument("--export_dir", type=str | None, default=None,
                             help="Where the timm-native model is written at the end (default: <log_dir>/model).")
+        parser.add_argument("--push_to_hub", type=str | None, default=None,
+                            help="Also upload the final model to this Hugging Face Hub repo (USER/NAME).")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Sequence[str]) -> None:
         self.config = parser.parse_args(args)  # `args` is the command line here: no "both given" warning
 
     def instantiate_classes(self) -> None:
         if self._instantiate:
+            if self.config.push_to_hub is not None:
+                check_repo(self.config.push_to_hub)  # a bad repo id or no token: before any model is built
             super().instantiate_classes()
             add_metrics_csv(self.trainer)
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """Unless a logger is configured: TensorBoard when it is installed, else CSV (no warning either way)."""
+        trainer = self._get(self.config_init, "trainer", default={})
+        if trainer.get("logger") in (None, True):
+            root = trainer.get("default_root_dir") or Path.cwd()
+            kwargs["logger"] = TensorBoardLogger(root) if _tensorboard_available() else CSVLogger(root)
+        return super().instantiate_trainer(**kwargs)
+
+
+def _tensorboard_available() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
 
 
 def add_metrics_csv(trainer: L.Trainer) -> None:
@@ -154,9 +174,12 @@ def fit(args: Sequence[str]) -> Path:
     cli = RetrofitCLI(args)
     trainer = cli.trainer
     out = Path(cli.config.export_dir or Path(trainer.log_dir or trainer.default_root_dir) / "model")
-    trainer.callbacks.append(RegisterExport(out))
+    export = RegisterExport(out, push_to_hub=cli.config.push_to_hub)
+    trainer.callbacks.append(export)
     trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     console.print(f"retrofitted model: [bold]{out}[/] (config and checkpoints in {trainer.log_dir})", soft_wrap=True)
+    if export.pushed_url:
+        console.print(f"pushed: {export.pushed_url}", soft_wrap=True)
     return out
 
 
@@ -210,9 +233,25 @@ COMMANDS: dict[str, Any] = {
 }
 
 
+TIMM_MESSAGES = ("Loading pretrained weights from Hugging Face hub", "Loading pretrained weights from url",
+                 "Downloading", "Resized position embedding")
+
+
+def _show_timm_messages() -> None:
+    """timm's INFO lines a person waiting wants: which weights download from where, a resized position embedding."""
+    timm_log = logging.getLogger("timm")
+    if not any(isinstance(h, RichHandler) for h in timm_log.handlers):
+        handler = RichHandler(console=console, show_time=False, show_level=False, show_path=False)
+        handler.setFormatter(logging.Formatter("timm: %(message)s"))
+        handler.addFilter(lambda record: record.getMessage().startswith(TIMM_MESSAGES))
+        timm_log.addHandler(handler)
+    timm_log.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: errors print as one line (no traceback) and exit with status 1."""
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
+    _show_timm_messages()
     # Field docstrings (TargetSettings) reach --help; a backbone is a name or a path, never an nn.Module class path.
     set_parsing_settings(docstring_parse_attribute_docstrings=True, subclasses_disabled=[nn.Module])
     try:

@@ -14,7 +14,9 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.table import Table
 
+from . import hub
 from .backbones import load_backbone
+from .callbacks import RegisterExport
 from .demo import run_demo
 from .diagnose import REPORT_NAME, diagnose, render_table
 from .evaluate import box_dataset, evaluate_lost, evaluate_probe, mask_dataset
@@ -22,6 +24,7 @@ from .features import square_size
 from .files import write_json
 from .images import list_images, load_images
 from .module import RetrofitModule
+from .page import PAGE_NAME
 from .surgery import count_registers
 
 console = Console()
@@ -46,12 +49,12 @@ def diagnose_command(
     layers: list[int] | None = None,
     batch_size: int = 8,
 ) -> dict[str, Any]:
-    """Measure a model's artifacts: per-layer norm table, diagnose.json and one PNG of maps per image.
+    """Measure a model's artifacts: per-layer norm table, index.html, diagnose.json and one PNG of maps per image.
 
     Args:
         model: timm name, export directory, or timm name with --checkpoint (see retrofit.load_backbone).
         images: folder of images (searched recursively).
-        out: folder for diagnose.json and the PNGs.
+        out: folder for index.html (the report on one page), diagnose.json and the PNGs.
         compare: a second model shown beside the first (e.g. the original vs the retrofitted one).
         checkpoint: local weights file for a timm name in MODEL.
         compare_checkpoint: local weights file for a timm name in --compare.
@@ -72,7 +75,8 @@ def diagnose_command(
     report = diagnose(first, batch, out, second, k=k, layers=layers, names=names, labels=labels,
                       threshold=threshold, batch_size=batch_size, progress=True)
     console.print(render_table(report))
-    console.print(f"wrote {Path(out) / REPORT_NAME} and {len(report['figures'])} figures to {out}", soft_wrap=True)
+    console.print(f"wrote {Path(out) / PAGE_NAME} (the report on one page: open it in a browser), "
+                  f"{REPORT_NAME} and {len(report['figures'])} figures", soft_wrap=True)
     return report
 
 
@@ -155,19 +159,43 @@ def eval_probe_command(
     return _report(f"Linear probe on {val}", result, out, ("miou", "accuracy", "train_loss", "n_train", "n_val"))
 
 
-def export_command(checkpoint: str, *, out: str, backbone: str | None = None, overwrite: bool = False) -> Path:
+def export_command(
+    checkpoint: str,
+    *,
+    out: str,
+    backbone: str | None = None,
+    overwrite: bool = False,
+    diagnose: str | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
+) -> Path:
     """Turn a training checkpoint (.ckpt from fit) into a timm-native model directory (LoRA merged).
 
     Args:
         checkpoint: Lightning .ckpt written by retrofit fit.
-        out: directory to write (model.safetensors + config.json); timm.create_model('local-dir:OUT') reads it.
+        out: directory to write (model.safetensors, config.json, README.md model card);
+            timm.create_model('local-dir:OUT', pretrained=True) reads it.
         backbone: timm name of the original model, when the run started from a Python model object.
         overwrite: replace an existing non-empty OUT.
+        diagnose: folder (or diagnose.json) of `retrofit diagnose MODEL --compare ORIGINAL`: its
+            before/after numbers go into the model card.
+        push_to_hub: also upload OUT to this Hugging Face Hub repo (USER/NAME) with timm's push_to_hf_hub;
+            timm.create_model('hf-hub:USER/NAME', pretrained=True) then loads it. Needs `hf auth login`.
+        private: create the Hub repo as private.
     """
-    module, step = RetrofitModule.from_checkpoint(checkpoint, backbone)
-    path = module.export(out, overwrite=overwrite, step=step)
+    if push_to_hub is not None:
+        hub.check_repo(push_to_hub)
+    module, record = RetrofitModule.from_checkpoint(checkpoint, backbone)
+    step = int(record.get("global_step", 0))
+    path = module.export(out, overwrite=overwrite, diagnose_report=diagnose, repo_id=push_to_hub,
+                         **{**RegisterExport.saved_facts(record), "step": step})
     registers = count_registers(module.student_vit)
     console.print(f"exported {path} ({registers} registers in total, step {step})", soft_wrap=True)
+    if push_to_hub is not None:
+        with console.status(f"pushing {path} to the Hugging Face Hub as {push_to_hub}"):
+            url = hub.push_to_hub(path, push_to_hub, private=private)
+        console.print(f"pushed: {url}\nload it with timm.create_model(\"hf-hub:{push_to_hub}\", pretrained=True)",
+                      soft_wrap=True)
     return path
 
 

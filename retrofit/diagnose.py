@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from rich import box
-from rich.progress import track
 from rich.table import Table
 from torch import Tensor, nn
 
@@ -21,8 +20,10 @@ from .errors import RetrofitError
 from .features import block_indices, inference, model_device, patch_features
 from .files import write_json
 from .maps import ImageMaps, compute_maps, display_rgb
-from .metrics import OutlierFraction, PatchNormStats, PositionLeakage, outlier_masks, token_norms
+from .metrics import FeatureFidelity, OutlierFraction, PatchNormStats, PositionLeakage, outlier_masks, token_norms
+from .page import percent, write_page
 from .plots import plot_heads, plot_maps, save_figure
+from .progress import track
 from .surgery import count_registers, has_class_token
 
 REPORT_NAME = "diagnose.json"
@@ -47,7 +48,7 @@ def _layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
 
 def _batch_starts(n: int, batch_size: int, description: str, progress: bool) -> Iterable[int]:
     """Batch offsets, shown as a rich progress bar when ``progress``."""
-    return track(range(0, n, batch_size), description=description, disable=not progress, transient=True)
+    return track(range(0, n, batch_size), description, enabled=progress)
 
 
 def _image_stats(names: Sequence[str], grid: Tensor, k: float, threshold: float | None) -> list[dict[str, Any]]:
@@ -95,6 +96,24 @@ def _model_summary(
         "position_leakage": leakage.compute().item() if len(images) > 1 else None,
         "images": per_image,
     }
+
+
+def _cosine(
+    models: Sequence[tuple[str, nn.Module]], images: Tensor, norm: bool, batch_size: int, progress: bool = False
+) -> dict[str, float] | None:
+    """Patch cosine of the second model's final features to the first's (None where the grids differ)."""
+    (_, first), (_, second) = models
+    fidelity = FeatureFidelity().to(model_device(first))
+    for start in _batch_starts(len(images), batch_size, "comparing features", progress):
+        grids = []
+        for model in (first, second):
+            with inference(model):
+                grids.append(patch_features(model, images[start:start + batch_size].to(model_device(model)),
+                                            norm=norm).to(model_device(first)))
+        if grids[0].shape != grids[1].shape:
+            return None
+        fidelity.update(grids[1], grids[0])
+    return {k: v.item() for k, v in fidelity.compute().items()}
 
 
 def _file_stems(names: Sequence[str]) -> list[str]:
@@ -166,13 +185,15 @@ def diagnose(
     R^2 of the last layer (None for a single image). With ``out_dir``: ``NNN_<name>.png`` per image
     (input, norm map, CLS attention, PCA; one row per model), ``NNN_<name>_heads.png`` (CLS attention
     per head, for models with a class token) and ``diagnose.json`` holding the report and every
-    figure's data under ``"figures"``. ``progress`` shows rich progress bars. Returns the report.
+    figure's data under ``"figures"``, and ``index.html``: the whole report on one self-contained page.
+    With ``compare``, ``"cosine"`` is the patch cosine (mean, 5th percentile) of ``compare``'s final
+    features to ``model``'s. ``progress`` shows rich progress bars. Returns the report.
     """
     _check_inputs(images, names, labels, compare)
     names = [f"image{i}" for i in range(len(images))] if names is None else [str(n) for n in names]
     models = [(labels[0], model)] + ([] if compare is None else [(labels[1], compare)])
     report: dict[str, Any] = {
-        "settings": {"k": k, "threshold": threshold, "norm": norm},
+        "settings": {"k": k, "threshold": threshold, "norm": norm, "input_size": list(images.shape[-2:])},
         "images": names,
         "models": [
             _model_summary(m, label, images, names, _layers(m, layers), k, threshold, norm, batch_size,
@@ -180,16 +201,15 @@ def diagnose(
             for label, m in models
         ],
     }
+    if compare is not None:
+        report["cosine"] = _cosine(models, images, norm, batch_size, progress)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         report["figures"] = _write_figures(models, images, names, out, k, threshold, batch_size, progress)
         write_json(report, out / REPORT_NAME)
+        write_page(report, out)
     return report
-
-
-def _percent(x: float) -> str:
-    return f"{100 * x:.2f}%"
 
 
 def render_table(report: dict[str, Any]) -> Table:
@@ -214,7 +234,7 @@ def render_table(report: dict[str, Any]) -> Table:
                 e = entries[layer]
                 label = [summary["label"]] if len(models) > 1 else []
                 table.add_row(str(layer), *label, f"{e['median']:.3g}", f"{e['p99']:.3g}", f"{e['max']:.3g}",
-                              _percent(e["high"]), _percent(e["low"]))
+                              percent(e["high"]), percent(e["low"]))
         table.add_section()
     table.caption = "; ".join(
         f"{s['label']}: {s['num_registers']} registers, position leakage R^2 "

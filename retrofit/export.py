@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -16,28 +17,43 @@ import timm
 from timm.models import save_for_hf
 from torch import nn
 
+from .card import before_after, write_card
 from .errors import RetrofitError, first_line
 from .surgery import check_supported, count_registers
 
 WEIGHTS_NAME = "model.safetensors"
 
 
-def export(model: nn.Module, out_dir: str | Path, overwrite: bool = False, **metadata: Any) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (timm's hub layout) to ``out_dir``, atomically.
+def export(
+    model: nn.Module,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    *,
+    repo_id: str | None = None,
+    diagnose_report: Mapping[str, Any] | str | Path | None = None,
+    **metadata: Any,
+) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (timm's hub layout) and the model card to ``out_dir``, atomically.
 
     Everything is written to a temporary sibling directory that is renamed into place at the end,
     so an interrupted export leaves no half-written model. An existing non-empty ``out_dir`` is
-    replaced only with ``overwrite=True``. ``metadata`` lands under ``"retrofit"`` in config.json.
+    replaced only with ``overwrite=True``. ``metadata`` lands under ``"retrofit"`` in config.json;
+    README.md is the model card (:mod:`retrofit.card`), with the before/after numbers of
+    ``diagnose_report`` (a ``diagnose --compare`` report, its JSON or folder) and loading code for
+    ``repo_id`` (the Hub repo it is meant for) when given.
     """
     check_supported(model)
+    info = {"version": version("retrofit"), "num_registers": count_registers(model), **metadata}
+    if diagnose_report is not None:
+        info["diagnose"] = before_after(diagnose_report, info["num_registers"])
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise RetrofitError(f"{out} already exists and is not empty: choose another directory or pass overwrite=True.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        info = {"version": version("retrofit"), "num_registers": count_registers(model), **metadata}
         save_for_hf(model, tmp, model_config={"retrofit": info}, safe_serialization=True)
+        write_card(model, tmp, info, out.name, repo_id)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -358,8 +358,9 @@ class RetrofitModule(L.LightningModule):
     # ---- rebuilding -------------------------------------------------------------------------------
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, backbone: str | None = None) -> tuple[RetrofitModule, int]:
-        """The trained module of a ``retrofit fit`` checkpoint, rebuilt offline, and the step it was saved at.
+    def from_checkpoint(cls, path: str | Path, backbone: str | None = None) -> tuple[RetrofitModule, dict[str, Any]]:
+        """The trained module of a ``retrofit fit`` checkpoint, rebuilt offline, and the checkpoint's record of
+        the run: everything in it but the weights and optimizer states (``global_step``, the callbacks' states).
 
         The checkpoint is read weights-only (no code in it runs). The teacher is only an architecture here
         (no download): the checkpoint holds every student weight. ``backbone`` names the architecture when
@@ -390,4 +391,4 @@ class RetrofitModule(L.LightningModule):
                 "pass the --backbone it was trained from."
             ) from e
         module.hparams["backbone"] = spec  # the export records where it came from
-        return module, int(ckpt.get("global_step", 0))
+        return module, {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer_states")}

@@ -44,10 +44,27 @@ def fit_args(ws: dict[str, Path], run: str, *extra: str, backbone: Path | None =
 
 @pytest.fixture(scope="module")
 def fitted(workspace: dict[str, Path]) -> tuple[Path, str]:
-    """One short fit with command-line overrides; returns its log dir and what it printed."""
+    """One short fit with command-line overrides and the map and artifact callbacks; returns its log dir and
+    what it printed."""
+    monitors = ["--trainer.callbacks+=retrofit.callbacks.NormMapLogger", "--trainer.callbacks.every_n_steps=2",
+                "--trainer.callbacks.max_images=1",
+                "--trainer.callbacks+=retrofit.callbacks.ArtifactMonitor", "--trainer.callbacks.every_n_steps=1"]
     with redirect_stdout(io.StringIO()) as printed:  # the progress bar's console and ours both write to stdout
-        assert main(fit_args(workspace, "run", "--model.num_registers", "2", "--model.lr", "3e-4")) == 0
+        assert main(fit_args(workspace, "run", "--model.num_registers", "2", "--model.lr", "3e-4", *monitors)) == 0
     return workspace["root"] / "run" / "lightning_logs" / "version_0", printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def compared(fitted: tuple[Path, str], workspace: dict[str, Path]) -> tuple[Path, str]:
+    """`retrofit diagnose` of the fitted model against its original in an 80-column terminal; returns the
+    output folder and what it printed."""
+    out = workspace["root"] / "diagnose"
+    args = ["diagnose", str(fitted[0] / "model"), "--images", str(workspace["images"]),
+            "--compare", str(workspace["model"]), "--out", str(out), "--max_images", "3"]
+    with pytest.MonkeyPatch.context() as patch, console.capture() as printed:
+        patch.setattr(console, "width", 80)
+        assert main(args) == 0
+    return out, printed.get()
 
 
 def test_fit_saves_resolved_config_checkpoint_metrics_and_timm_export(fitted: tuple[Path, str]) -> None:
@@ -57,7 +74,9 @@ def test_fit_saves_resolved_config_checkpoint_metrics_and_timm_export(fitted: tu
     assert config["trainer"]["max_steps"] == 2
     model = load(run / "model")
     assert count_registers(model) == 2
-    assert json.loads((run / "model" / "config.json").read_text())["retrofit"]["step"] == 2
+    info = json.loads((run / "model" / "config.json").read_text())["retrofit"]
+    assert (info["step"], info["freeze"], info["img_size"]) == (2, "phreg", SIZE)  # the run, for the model card
+    assert "**Registers:** 2" in (run / "model" / "README.md").read_text()
     assert list((run / "checkpoints").glob("*.ckpt"))
     rows = list(csv.DictReader((run / "metrics.csv").open()))  # the README promises it beside TensorBoard's
     assert [int(r["step"]) for r in rows if r.get("train/loss")] == [0, 1]
@@ -208,23 +227,58 @@ def test_unknown_command_and_missing_model_are_one_line(tmp_path: Path, capsys: 
     assert "did you mean --images?" in lines[2]
 
 
-def test_diagnose_compare_writes_json_and_pngs_and_fits_80_columns(
-    fitted: tuple[Path, str], workspace: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    out = workspace["root"] / "diagnose"
-    args = ["diagnose", str(fitted[0] / "model"), "--images", str(workspace["images"]),
-            "--compare", str(workspace["model"]), "--out", str(out), "--max_images", "3"]
-    monkeypatch.setattr(console, "width", 80)
-    with console.capture() as printed:
-        assert main(args) == 0
+def test_diagnose_compare_writes_json_pngs_and_page_and_fits_80_columns(compared: tuple[Path, str]) -> None:
+    out, printed = compared
     report = json.loads((out / "diagnose.json").read_text())
     assert [m["num_registers"] for m in report["models"]] == [2, 0]
     assert [m["label"] for m in report["models"]] == ["model", "original"]
     assert len(list(out.glob("0*_img*.png"))) >= 3 and len(report["images"]) == 3
-    table = printed.get().split("wrote ")[0]  # the last line names paths and is left for the terminal to wrap
+    assert 0 < report["cosine"]["p5"] <= report["cosine"]["mean"] <= 1
+    assert (out / "index.html").read_text().count('<img src="data:image/png;base64,') == 6  # maps + heads
+    table = printed.split("wrote ")[0]  # the last line names paths and is left for the terminal to wrap
     assert "…" not in table and max(len(line) for line in table.splitlines()) <= 80
     last = report["models"][0]["layers"][-1]
     assert f"{last['max']:.3g}" in table and f"{100 * last['high']:.2f}%" in table
+
+
+def test_fit_sends_maps_and_scalars_to_tensorboard(fitted: tuple[Path, str]) -> None:
+    run, _ = fitted
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = event_accumulator.EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    maps = events.Images("norm_maps")
+    assert [m.step for m in maps] == [0, 2]  # before training and every 2 steps
+    image = np.asarray(Image.open(io.BytesIO(maps[-1].encoded_image_string)))
+    assert image.shape == (maps[-1].height, maps[-1].width, 3) and image.std() > 10  # a figure, not a blank
+    outliers = events.Scalars("artifacts/outlier_high")
+    assert [s.step for s in outliers] == [0, 1, 2] and all(0 <= s.value <= 1 for s in outliers)  # every step
+    assert not (run / "norm_maps").exists()  # TensorBoard took the maps: no PNG fallback
+
+
+def test_fit_push_without_a_token_fails_before_any_model_is_built(
+    workspace: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("retrofit.hub.get_token", lambda: None)
+    assert main(fit_args(workspace, "unpushed", "--push_to_hub", "user/tiny")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pushing to user/tiny needs a Hugging Face token" in err[0]
+    assert not (workspace["root"] / "unpushed").exists()  # no run folder, no logs: nothing was started
+
+
+def test_export_with_diagnose_card_and_push(fitted: tuple[Path, str], compared: tuple[Path, str],
+                                            workspace: dict[str, Path], fake_hub) -> None:
+    ckpt = next((fitted[0] / "checkpoints").glob("*.ckpt"))
+    out = workspace["root"] / "pushed"
+    assert main(["export", str(ckpt), "--out", str(out), "--diagnose", str(compared[0]),
+                 "--push_to_hub", "user/tiny-reg2"]) == 0
+    info = json.loads((out / "config.json").read_text())["retrofit"]
+    assert (info["step"], info["batch_size"], info["img_size"], info["train_images"]) == (2, 4, SIZE, 8)
+    card = (out / "README.md").read_text()
+    assert "| high-norm outlier tokens" in card and "**Images:** 8 seen (4 per step), 8 distinct" in card
+    (upload,) = fake_hub.uploads
+    assert upload["repo_id"] == "user/tiny-reg2" and upload["files"]["README.md"].decode() == card
+    assert json.loads(upload["files"]["config.json"])["model_args"]["reg_tokens"] == 2
 
 
 def test_eval_lost_and_probe(workspace: dict[str, Path]) -> None:

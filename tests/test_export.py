@@ -82,7 +82,7 @@ def test_existing_directory_is_kept_unless_overwrite(tmp_path, student):
     assert "\n" not in str(err.value)
     assert (out / "mine.txt").read_text() == "keep me"
     export(student, out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["exp"]  # no temporary or backup left behind
 
 

@@ -28,7 +28,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from rich.progress import track
 from torch import nn
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
@@ -36,6 +35,7 @@ from torchvision.ops import box_convert
 from ..errors import RetrofitError
 from ..hf import open_split
 from ..images import data_config, eval_transform, list_images, open_rgb
+from ..progress import track
 
 BoxFormat = Literal["xyxy", "xywh"]
 Target = tv_tensors.BoundingBoxes | tv_tensors.Mask
@@ -121,7 +121,7 @@ def batches(
     tf = eval_transform(img_size, **data_config(model))
     ref = next(model.parameters())
     steps = range(0, len(dataset), batch_size)
-    for start in track(steps, description=progress) if progress else steps:
+    for start in track(steps, progress or "", enabled=progress is not None):
         samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         pairs = [tf(image, target) for _, image, target in samples]
         images = torch.stack([x for x, _ in pairs]).to(device=ref.device, dtype=ref.dtype)

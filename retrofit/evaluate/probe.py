@@ -19,6 +19,7 @@ from torchmetrics import JaccardIndex
 
 from ..errors import RetrofitError
 from ..features import inference, patch_features, square_size
+from ..progress import track
 from .datasets import EvalDataset, batches, mask_dataset
 
 IGNORE = 255
@@ -49,7 +50,8 @@ def _logits(head: nn.Linear, feats: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _train_head(
-    feats: torch.Tensor, masks: torch.Tensor, num_classes: int, epochs: int, lr: float, batch_size: int, seed: int
+    feats: torch.Tensor, masks: torch.Tensor, num_classes: int, epochs: int, lr: float, batch_size: int, seed: int,
+    progress: bool = False,
 ) -> tuple[nn.Linear, float]:
     """Fit the linear head with AdamW and cross-entropy; returns it and the last epoch's mean loss."""
     generator = torch.Generator().manual_seed(seed)
@@ -59,7 +61,7 @@ def _train_head(
         head.bias.zero_()
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr)
     loss_sum = 0.0
-    for _ in range(epochs):
+    for _ in track(range(epochs), "training the linear head (epochs)", enabled=progress):
         loss_sum = 0.0
         for idx in torch.randperm(len(feats), generator=generator).split(batch_size):
             logits = _logits(head, feats[idx], masks.shape[-1])
@@ -120,7 +122,7 @@ def evaluate_probe(
     )
     mean, std = train_x.mean((0, 1, 2)), train_x.std((0, 1, 2)).clamp(min=1e-6)
     train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
-    head, loss = _train_head(train_x, train_y, num_classes, epochs, lr, batch_size, seed)
+    head, loss = _train_head(train_x, train_y, num_classes, epochs, lr, batch_size, seed, progress)
     return {
         **_scores(head, val_x, val_y, num_classes, batch_size),
         "train_loss": loss,
