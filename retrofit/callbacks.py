@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from .errors import RetrofitError
-from .export import export
+from .export import check_target, export
 from .features import patch_features, patch_size
 from .maps import compute_maps, display_rgb, figure_array, inference, plot_maps, save_figure
 from .metrics import FeatureFidelity, OutlierFraction, PatchNormStats
@@ -264,10 +264,15 @@ class RegisterExport(L.Callback):
         return self._generate_state_key(out_dir=str(self.out_dir), monitor=self.monitor)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Refuse an existing export before training, not after it."""
-        if stage == "fit" and not self.overwrite and self.out_dir.exists() and any(self.out_dir.iterdir()):
+        """Refuse an existing export, or the original model's own folder, before training, not after it."""
+        if stage != "fit":
+            return
+        if not self.overwrite and self.out_dir.exists() and any(self.out_dir.iterdir()):
             raise RetrofitError(f"{self.out_dir} already exists and is not empty: choose another out_dir or "
                                 "pass overwrite=True.")
+        model = getattr(pl_module, self.model_attr, None)
+        if isinstance(model, nn.Module):
+            check_target(model, self.out_dir, getattr(pl_module, "hparams", {}).get("backbone"))
 
     def _model(self, pl_module: L.LightningModule) -> nn.Module:
         if callable(getattr(pl_module, "export_model", None)):

@@ -1,5 +1,10 @@
 """Shared test fixtures: tiny timm ViTs and made-up images, no downloads."""
 
+import contextlib
+import resource
+import signal
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -24,3 +29,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Writes past ``limit`` bytes fail (EFBIG) as they would on a full disk; SIGXFSZ is ignored meanwhile."""
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
