@@ -12,6 +12,7 @@ from torch import nn
 
 from .data import RetrofitDataModule
 from .errors import RetrofitError
+from .faults import continue_run, explain_stops, fault_callbacks
 from .features import square_size
 from .module import RetrofitModule
 
@@ -78,6 +79,8 @@ def retrofit(
     (timm-native, atomic; ``overwrite`` replaces an existing export). ``precision``: Lightning's
     (default ``bf16-mixed`` with CUDA, else ``32-true``); ``accelerator`` / ``devices`` / ``strategy``
     (``ddp``, ``fsdp``, ...) and ``callbacks`` go to ``lightning.Trainer``; ``ckpt_path`` resumes a run.
+    A NaN or infinite loss, SIGTERM or Ctrl-C stop the run with a one-line :class:`RetrofitError` after
+    saving a resumable checkpoint (:mod:`retrofit.faults`).
     Every other keyword goes to whichever of :class:`RetrofitModule` (``freeze``, ``lr``, ``targets``,
     ...), :class:`RetrofitDataModule` (``img_size``, ``batch_size``, ...) and ``lightning.Trainer``
     (``logger``, ``enable_checkpointing``, ...) takes it. ``img_size`` defaults to the backbone's own
@@ -89,9 +92,12 @@ def retrofit(
     if precision is None:
         precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     trainer_kw = {"logger": False, "enable_checkpointing": False, **trainer_kw}
+    callbacks = [*(callbacks or []), *fault_callbacks(resume="retrofit(..., ckpt_path='{ckpt}')")]
     trainer = L.Trainer(max_steps=max_steps, precision=precision, accelerator=accelerator, devices=devices,
                         strategy=strategy, callbacks=callbacks, **trainer_kw)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    continue_run(trainer, ckpt_path)
+    with explain_stops(trainer):
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     model = module.export_model()
     if out_dir is not None and trainer.is_global_zero:
         module.export(out_dir, overwrite=overwrite, model=model)

@@ -36,9 +36,10 @@ from .demo import run_demo
 from .diagnose import REPORT_NAME, diagnose, render_table
 from .errors import RetrofitError, first_line
 from .evaluate import box_dataset, evaluate_lost, evaluate_probe, mask_dataset
+from .faults import continue_run, explain_stops, fault_callbacks
 from .features import square_size
 from .files import write_json
-from .images import list_images, load_images
+from .images import ImageLog, list_images, load_readable
 from .module import RetrofitModule
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -132,9 +133,13 @@ def fit(args: Sequence[str], prog: str = "retrofit fit") -> Path:
     """
     cli = RetrofitCLI(args)
     trainer = cli.trainer
-    out = Path(cli.config.export_dir or Path(trainer.log_dir or trainer.default_root_dir) / "model")
-    trainer.callbacks.append(RegisterExport(out))
-    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    continue_run(trainer, cli.config.ckpt_path)
+    log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    out = Path(cli.config.export_dir or log_dir / "model")
+    resume = f"retrofit fit --config {log_dir / 'config.yaml'} --ckpt_path {{ckpt}}"
+    trainer.callbacks += [RegisterExport(out), *fault_callbacks(resume)]
+    with explain_stops(trainer):
+        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     console.print(f"retrofitted model: [bold]{out}[/] (config and checkpoints in {trainer.log_dir})")
     return out
 
@@ -170,7 +175,7 @@ def diagnose_command(
         checkpoint: local weights file for a timm name in MODEL.
         compare_checkpoint: local weights file for a timm name in --compare.
         img_size: square input size (default: the model's own).
-        max_images: use the first N images of the folder.
+        max_images: use the first N readable images of the folder (unreadable ones are skipped and counted).
         k: outlier factor: norm above k x (or below 1/k x) the image median.
         threshold: absolute norm threshold for high-norm outliers instead of k (e.g. 150 as in Darcet et al.).
         layers: block indices to measure (default: all).
@@ -178,17 +183,24 @@ def diagnose_command(
     """
     first = load_backbone(model, checkpoint)
     second = None if compare is None else load_backbone(compare, compare_checkpoint)
-    paths = list_images(images)[:max_images]
     size = square_size(first, img_size)
-    batch = load_images(paths, size, first)
+    unusable = ImageLog()
+    batch, paths = load_readable(list_images(images), size, first, max_images, Path(images), unusable)
     labels = (_label(model), _label(compare or ""))
     labels = labels if compare is None or labels[0] != labels[1] else ("model", "compare")
     names = [p.relative_to(images).as_posix() for p in paths]
     report = diagnose(first, batch, out, second, k=k, layers=layers, names=names, labels=labels,
                       threshold=threshold, batch_size=batch_size, progress=True)
     console.print(render_table(report))
+    _print_unusable(unusable)
     console.print(f"wrote {Path(out) / REPORT_NAME} and {len(report['figures'])} figures to {out}")
     return report
+
+
+def _print_unusable(log: ImageLog) -> None:
+    """The one-line account of skipped (and converted) images, as fit reports them."""
+    if (line := log.summary()) is not None:
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def _result_table(title: str, values: dict[str, Any]) -> Table:
@@ -236,7 +248,8 @@ def eval_lost_command(
     backbone = load_backbone(model, checkpoint)
     data = box_dataset(dataset, boxes, box_format, split)
     result = evaluate_lost(backbone, data, img_size=img_size, k=k, batch_size=batch_size, progress=True)
-    return _report(f"LOST on {dataset}", result, out, ("corloc", "n", "skipped"))
+    _print_unusable(data.log)
+    return _report(f"LOST on {dataset}", result, out, ("corloc", "n", "skipped", "unreadable"))
 
 
 def eval_probe_command(
@@ -268,9 +281,13 @@ def eval_probe_command(
         out: write the full result (per-class IoU) to this JSON file.
     """
     backbone = load_backbone(model, checkpoint)
-    result = evaluate_probe(backbone, mask_dataset(train), mask_dataset(val), num_classes, epochs=epochs, lr=lr,
+    train_set, val_set = mask_dataset(train), mask_dataset(val)
+    result = evaluate_probe(backbone, train_set, val_set, num_classes, epochs=epochs, lr=lr,
                             img_size=img_size, batch_size=batch_size, seed=seed, progress=True)
-    return _report(f"Linear probe on {val}", result, out, ("miou", "accuracy", "train_loss", "n_train", "n_val"))
+    for data in (train_set, val_set):
+        _print_unusable(data.log)
+    return _report(f"Linear probe on {val}", result, out,
+                   ("miou", "accuracy", "train_loss", "n_train", "n_val", "unreadable"))
 
 
 # ---- export -------------------------------------------------------------------------------------------
@@ -502,7 +519,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _dispatch(COMMANDS, args, "retrofit")
     except RetrofitError as e:
         print(f"retrofit: error: {e}", file=sys.stderr)
-        return 1
+        return getattr(e, "exit_code", 1)  # 128 + signal for a run stopped by SIGTERM / Ctrl-C
+    except KeyboardInterrupt:
+        print("retrofit: error: interrupted by Ctrl-C.", file=sys.stderr)
+        return 130
     except SystemExit as e:  # --help and --print_config exit through argparse
         return e.code if isinstance(e.code, int) else 0
     return 0
