@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import shlex
 import sys
 from argparse import ArgumentError
 from collections.abc import Callable, Sequence
@@ -136,7 +137,7 @@ def fit(args: Sequence[str], prog: str = "retrofit fit") -> Path:
     continue_run(trainer, cli.config.ckpt_path)
     log_dir = Path(trainer.log_dir or trainer.default_root_dir)
     out = Path(cli.config.export_dir or log_dir / "model")
-    resume = f"retrofit fit --config {log_dir / 'config.yaml'} --ckpt_path {{ckpt}}"
+    resume = f"retrofit fit --config {shlex.quote(str(log_dir / 'config.yaml'))} --ckpt_path {{ckpt}}"
     trainer.callbacks += [RegisterExport(out), *fault_callbacks(resume)]
     with explain_stops(trainer):
         trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shlex
 import signal
 import sys
 import warnings
@@ -131,7 +132,8 @@ class StopCheckpoint(L.Callback):
     a stop, and on a :class:`NonFiniteError` (the weights are still the last good ones), the state is
     saved to ``<checkpoint dir>/stopped-step=N.ckpt`` - unless the weights are not finite. Use
     :meth:`explain` around ``trainer.fit``: it turns the stop into one line with the reason, the
-    checkpoint and ``resume`` (a command with ``{ckpt}`` in it).
+    checkpoint and ``resume``: the command that resumes, with ``{ckpt}`` for the checkpoint's path quoted
+    for a shell, or ``{path}`` for it as a plain string.
     """
 
     def __init__(self, resume: str) -> None:
@@ -191,7 +193,8 @@ class StopCheckpoint(L.Callback):
         if latest is None:
             return "no checkpoint to resume from"
         what = "saved" if latest == self.saved else "no checkpoint at this step; the latest is"
-        return f"{what} {latest}; resume with: {self.resume.format(ckpt=latest)}"
+        command = self.resume.format(ckpt=shlex.quote(str(latest)), path=str(latest))
+        return f"{what} {latest}; resume with: {command}"
 
     @contextmanager
     def explain(self) -> Iterator[None]:
@@ -230,7 +233,7 @@ class CacheReport(L.Callback):
 def fault_callbacks(resume: str) -> list[L.Callback]:
     """The callbacks ``retrofit fit`` and ``retrofit()`` install: non-finite guard, stop checkpoint, cache report.
 
-    ``resume`` is the command that resumes a stopped run, with ``{ckpt}`` for the checkpoint.
+    ``resume`` is the command that resumes a stopped run (see :class:`StopCheckpoint`).
     """
     return [NonFiniteGuard(), StopCheckpoint(resume), CacheReport()]
 
