@@ -92,7 +92,7 @@ def retrofit(
     if precision is None:
         precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     trainer_kw = {"logger": False, "enable_checkpointing": False, **trainer_kw}
-    callbacks = [*(callbacks or []), *fault_callbacks(resume="retrofit(..., ckpt_path={path!r})")]
+    callbacks = [*fault_callbacks(resume="retrofit(..., ckpt_path={path!r})"), *(callbacks or [])]
     trainer = L.Trainer(max_steps=max_steps, precision=precision, accelerator=accelerator, devices=devices,
                         strategy=strategy, callbacks=callbacks, **trainer_kw)
     continue_run(trainer, ckpt_path)

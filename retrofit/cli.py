@@ -138,7 +138,7 @@ def fit(args: Sequence[str], prog: str = "retrofit fit") -> Path:
     log_dir = Path(trainer.log_dir or trainer.default_root_dir)
     out = Path(cli.config.export_dir or log_dir / "model")
     resume = f"retrofit fit --config {shlex.quote(str(log_dir / 'config.yaml'))} --ckpt_path {{ckpt}}"
-    trainer.callbacks += [RegisterExport(out), *fault_callbacks(resume)]
+    trainer.callbacks = [*fault_callbacks(resume), *trainer.callbacks, RegisterExport(out)]
     with explain_stops(trainer):
         trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     console.print(f"retrofitted model: [bold]{out}[/] (config and checkpoints in {trainer.log_dir})")

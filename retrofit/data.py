@@ -14,7 +14,10 @@ import hashlib
 import itertools
 import logging
 import math
+import os
 import signal
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +27,30 @@ import datasets
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler, \
-    get_worker_info
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    get_worker_info,
+)
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .errors import RetrofitError
 from .features import patch_size as model_patch_size
-from .images import (ImageLog, UnreadableImage, data_config, decode_cell, decode_rgb, interpolation_mode,
-                     list_images, undecoded)
+from .images import (
+    ImageLog,
+    UnreadableImage,
+    data_config,
+    decode_cell,
+    decode_rgb,
+    interpolation_mode,
+    list_images,
+    undecoded,
+)
 
 log = logging.getLogger(__name__)
 
@@ -211,14 +229,26 @@ def collate(items: list[Item]) -> Item:
     }
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGINT and SIGTERM to the main process, which stops them after its last step.
+def worker_signals(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C, and a SIGTERM sent to their process group, to the main process.
 
-    A terminal's Ctrl-C and ``timeout`` signal the whole process group; a worker that died of it would
-    turn the main process's clean stop into a "DataLoader worker exited unexpectedly" traceback.
+    A terminal's Ctrl-C and ``timeout`` or a batch scheduler signal the whole process group; a worker
+    that died of it would turn the main process's clean stop into a "DataLoader worker exited
+    unexpectedly" traceback. A SIGTERM from the main process itself (how DataLoader and multiprocessing
+    end workers) still ends the worker. Where ``sigwaitinfo`` is missing (macOS) SIGTERM keeps its default.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+
+
+def _end_on_sigterm_from(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    os.kill(os.getpid(), signal.SIGTERM)  # the default action, in the one thread that lets it through
 
 
 class ResumableBatchSampler(BatchSampler):
@@ -243,13 +273,15 @@ class SkippingLoader(DataLoader):
     order from it alone, so epochs differ and the same seed repeats. ``state_dict`` records the epoch
     and ``position()`` (the batches of it the training loop has stepped through); Lightning saves it
     in checkpoints and hands it back on resume, so the resumed pass starts at the next batch - by
-    index alone for map-style data, by reading past the done batches for streams.
+    index alone for map-style data, by reading past the done batches for streams. Each pass is added
+    to ``open_passes``, so that a stopped run can end it and its workers at once.
     """
 
     def __init__(self, dataset: Dataset, log: ImageLog, epoch: Callable[[], int | None],
-                 position: Callable[[], int], seed: int, **kwargs: Any) -> None:
+                 position: Callable[[], int], seed: int, open_passes: weakref.WeakSet, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self.log, self.epoch, self.position, self.seed = log, epoch, position, seed
+        self.open_passes = open_passes
         self.passes = 0
         self.resume: dict[str, int] | None = None
 
@@ -264,6 +296,11 @@ class SkippingLoader(DataLoader):
         self.resume = dict(state)
 
     def __iter__(self) -> Iterator[Item]:
+        batches = self._pass()
+        self.open_passes.add(batches)
+        return batches
+
+    def _pass(self) -> Iterator[Item]:
         self.passes += 1
         epoch, resume, self.resume = self._epoch(), self.resume, None
         skip = resume["batches"] if resume and resume["epoch"] == epoch else 0
@@ -363,6 +400,7 @@ class RetrofitDataModule(L.LightningDataModule):
         self.shuffle, self.seed, self.margin = shuffle, seed, margin
         self.mean, self.std, self.interpolation, self.patch_size = mean, std, interpolation, patch_size
         self.images = ImageLog()
+        self._open_passes: weakref.WeakSet[Iterator[Item]] = weakref.WeakSet()
         self._tensor: torch.Tensor | None = None
         self._reader: Callable[[int], torch.Tensor] | datasets.IterableDataset | None = None
         self._keys: list[str] = []
@@ -557,9 +595,10 @@ class RetrofitDataModule(L.LightningDataModule):
             epoch=self._trainer_epoch,
             position=self._trainer_position,
             seed=self.seed,
+            open_passes=self._open_passes,
             num_workers=self.num_workers,
             collate_fn=collate,
-            worker_init_fn=ignore_stop_signals,
+            worker_init_fn=worker_signals,
             persistent_workers=False,  # workers must see each pass's epoch for fresh crops
             **batching,
         )
@@ -589,6 +628,13 @@ class RetrofitDataModule(L.LightningDataModule):
         return line
 
     def teardown(self, stage: str) -> None:
+        self.report()
+
+    def on_exception(self, exception: BaseException) -> None:
+        """A stopped run ends its loader passes and their workers now: left to interpreter exit, the
+        workers would be terminated mid-batch, with an error from each."""
+        for batches in list(self._open_passes):
+            batches.close()
         self.report()
 
 

@@ -20,7 +20,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 SHOWN_KEYS = 3  # images of a bad batch named in the error
 LIGHTNING_SIGNALS = "lightning.pytorch.trainer.connectors.signal_connector"  # the logger of Lightning's handler
+LIGHTNING_CHECKPOINTS = ("last", "best", "hpc")  # ckpt_path values Lightning resolves itself
 
 
 class NonFiniteError(RetrofitError):
@@ -128,12 +129,14 @@ class StopCheckpoint(L.Callback):
     """SIGTERM or Ctrl-C stop after the current step with a resumable checkpoint; a stop says so in one line.
 
     SIGTERM goes through Lightning's own handling (the loop stops at the end of the step and raises
-    ``SIGTERMException``); the first Ctrl-C is routed the same way, a second one stops at once. On such
-    a stop, and on a :class:`NonFiniteError` (the weights are still the last good ones), the state is
-    saved to ``<checkpoint dir>/stopped-step=N.ckpt`` - unless the weights are not finite. Use
-    :meth:`explain` around ``trainer.fit``: it turns the stop into one line with the reason, the
-    checkpoint and ``resume``: the command that resumes, with ``{ckpt}`` for the checkpoint's path quoted
-    for a shell, or ``{path}`` for it as a plain string.
+    ``SIGTERMException``); the first Ctrl-C is routed the same way, a second one stops at once. The state
+    is saved to ``<checkpoint dir>/stopped-step=N.ckpt`` at the end of the step that saw the signal -
+    before other callbacks' hooks, which the signal may break (a progress bar whose pipe ``timeout``
+    closed) - and on a :class:`NonFiniteError` (the weights are still the last good ones); never when
+    the weights are not finite. Put it first among the callbacks, and :meth:`explain` around
+    ``trainer.fit``: it turns the stop into one line with the reason, the checkpoint and ``resume``: the
+    command that resumes, with ``{ckpt}`` for the checkpoint's path quoted for a shell, or ``{path}``
+    for it as a plain string.
     """
 
     def __init__(self, resume: str) -> None:
@@ -141,6 +144,7 @@ class StopCheckpoint(L.Callback):
         self.signum: int | None = None
         self.saved: Path | None = None
         self.directory: Path | None = None
+        self.exception: BaseException | None = None
         self.step = 0
         self.max_steps = -1
 
@@ -152,8 +156,9 @@ class StopCheckpoint(L.Callback):
             if signum == signal.SIGINT and self.signum is not None:
                 raise KeyboardInterrupt  # a second Ctrl-C: stop now
             if signum == signal.SIGINT:
-                print("retrofit: Ctrl-C: stopping after this step (press Ctrl-C again to stop at once).",
-                      file=sys.stderr)
+                with suppress(OSError):  # a closed pipe must not turn the stop into a crash
+                    print("retrofit: Ctrl-C: stopping after this step (press Ctrl-C again to stop at once).",
+                          file=sys.stderr)
             self.signum = signum
             if callable(lightning_sigterm):
                 notice = logging.getLogger(LIGHTNING_SIGNALS)  # its "Received SIGTERM: 2" would misname Ctrl-C
@@ -172,18 +177,26 @@ class StopCheckpoint(L.Callback):
             return Path(checkpoint.dirpath)
         return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self.step, self.max_steps, self.directory = trainer.global_step, trainer.max_steps, self._directory(trainer)
-        if not isinstance(exception, (SIGTERMException, NonFiniteError)):
-            return
-        if _not_finite(p.detach() for p in pl_module.parameters()):
-            return  # not a state worth resuming from
-        path = self.directory / f"stopped-step={trainer.global_step}.ckpt"
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = self._directory(trainer) / f"stopped-step={trainer.global_step}.ckpt"
+        if path == self.saved or _not_finite(p.detach() for p in pl_module.parameters()):
+            return  # saved at this step already, or not a state worth resuming from
         trainer.save_checkpoint(path, weights_only=False)
         self.saved = path
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.received_sigterm:
+            self._save(trainer, pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.step, self.max_steps, self.directory = trainer.global_step, trainer.max_steps, self._directory(trainer)
+        self.exception = exception
+        if isinstance(exception, (SIGTERMException, NonFiniteError)):
+            self._save(trainer, pl_module)
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.signum, self.saved = None, None  # a Trainer may fit more than once
+        self.signum, self.saved, self.exception = None, None, None  # a Trainer may fit more than once
 
     def _resume_from(self) -> str:
         """Where to resume: the checkpoint saved at the stop, else the newest one in the checkpoint folder."""
@@ -202,17 +215,21 @@ class StopCheckpoint(L.Callback):
         try:
             yield
         except SIGTERMException:
-            signum = self.signum or signal.SIGTERM
-            of = f" of {self.max_steps}" if self.max_steps > 0 else ""
-            raise Interrupted(f"stopped by {_signal_name(signum)} after step {self.step}{of}: "
-                              f"{self._resume_from()}", signum) from None
+            raise self._stopped(self.signum or signal.SIGTERM) from None
         except NonFiniteError as e:
             raise NonFiniteError(f"{e}; {self._resume_from()}") from None
-        except SystemExit as e:  # Lightning exits with 1 after a KeyboardInterrupt (Ctrl-C twice, or before training)
-            if e.code != 1:
+        except SystemExit:  # Lightning exits after a KeyboardInterrupt; Rich when the signal closed its pipe
+            if self.signum is not None and self.saved is not None:
+                raise self._stopped(self.signum) from None
+            if not isinstance(self.exception, KeyboardInterrupt):
                 raise
             raise Interrupted(f"stopped at once by Ctrl-C (SIGINT) at step {self.step}: {self._resume_from()}",
                               signal.SIGINT) from None
+
+    def _stopped(self, signum: int) -> Interrupted:
+        of = f" of {self.max_steps}" if self.max_steps > 0 else ""
+        return Interrupted(f"stopped by {_signal_name(signum)} after step {self.step}{of}: {self._resume_from()}",
+                           signum)
 
 
 class CacheReport(L.Callback):
@@ -231,11 +248,11 @@ class CacheReport(L.Callback):
 
 
 def fault_callbacks(resume: str) -> list[L.Callback]:
-    """The callbacks ``retrofit fit`` and ``retrofit()`` install: non-finite guard, stop checkpoint, cache report.
+    """The callbacks ``retrofit fit`` and ``retrofit()`` put first: stop checkpoint, non-finite guard, cache report.
 
     ``resume`` is the command that resumes a stopped run (see :class:`StopCheckpoint`).
     """
-    return [NonFiniteGuard(), StopCheckpoint(resume), CacheReport()]
+    return [StopCheckpoint(resume), NonFiniteGuard(), CacheReport()]
 
 
 @contextmanager
@@ -254,10 +271,13 @@ def continue_run(trainer: L.Trainer, ckpt_path: str | Path | None) -> None:
 
     Applies to Lightning's folder loggers (TensorBoard, CSV) whose root is that folder's parent, so the
     logs, the checkpoints and the final ``model/`` of a resumed run land next to the first ones instead
-    of in a new ``version_N``. Call before anything asks for ``trainer.log_dir``.
+    of in a new ``version_N``. Call before anything asks for ``trainer.log_dir``. A checkpoint path that
+    does not exist is a one-line error here, before any training.
     """
-    if ckpt_path is None or not Path(ckpt_path).is_file():
+    if ckpt_path is None or str(ckpt_path) in LIGHTNING_CHECKPOINTS or str(ckpt_path).startswith("registry"):
         return
+    if not Path(ckpt_path).is_file():
+        raise RetrofitError(f"checkpoint {ckpt_path} does not exist: pass a .ckpt from a run's checkpoints folder.")
     checkpoints = Path(ckpt_path).resolve().parent
     if checkpoints.name != "checkpoints":
         return

@@ -97,7 +97,7 @@ def decode_rgb(source: str | Path | IO[bytes]) -> tuple[Image.Image, str | None]
 
 
 def decode_cell(value: Any) -> tuple[Image.Image, str | None]:
-    """A Hugging Face image cell as 8-bit RGB, like :func:`decode_rgb`: undecoded ``{bytes, path}``, a path or a PIL image."""
+    """A Hugging Face image cell (undecoded ``{bytes, path}``, a path or a PIL image) as :func:`decode_rgb` does."""
     if isinstance(value, dict) and value.get("bytes") is not None:
         return decode_rgb(io.BytesIO(value["bytes"]))
     if isinstance(value, dict) and value.get("path"):
@@ -152,7 +152,8 @@ class ImageLog:
             shown = ", ".join(sorted(self.skipped)[:SHOWN_KEYS]) + (", ..." if len(self) > SHOWN_KEYS else "")
             parts.append(f"skipped {len(self)} unusable image(s): {self.kinds()} ({shown})")
         if self.converted:
-            parts.append(f"read {len(self.converted)} unusual image(s) as 8-bit RGB: {_counts(self.converted.values())}")
+            notes = _counts(self.converted.values())
+            parts.append(f"read {len(self.converted)} unusual image(s) as 8-bit RGB: {notes}")
         if not parts:
             return None
         return "; ".join(parts) + (". Remove or replace the skipped ones." if self.skipped else ".")

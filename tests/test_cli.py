@@ -208,7 +208,7 @@ def test_diagnose_and_eval_skip_and_count_unreadable_images(workspace: dict[str,
     assert skipped in capsys.readouterr().out
     boxes = workspace["root"] / "mixed-boxes.json"
     boxes.write_text(json.dumps({p.name: [[8, 8, 40, 40]] for p in root.iterdir()}))
-    args = ["eval", "lost", model, "--dataset", str(root), "--boxes", str(boxes), "--k", "3", "--out", str(out / "l.json")]
-    assert main(args) == 0
+    assert main(["eval", "lost", model, "--dataset", str(root), "--boxes", str(boxes), "--k", "3",
+                 "--out", str(out / "l.json")]) == 0
     result = json.loads((out / "l.json").read_text())
     assert result["n"] == 3 and result["unreadable"] == 2 and skipped in capsys.readouterr().out

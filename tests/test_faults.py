@@ -176,3 +176,11 @@ def test_second_ctrl_c_stops_at_once_and_names_the_latest_checkpoint(tmp_path, c
     assert line.startswith(f"retrofit: error: stopped at once by Ctrl-C (SIGINT) at step {STOP_AT}: no checkpoint "
                            f"at this step; the latest is {checkpoints / 'epoch=0-step=4.ckpt'}; resume with: ")
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=4.ckpt"]
+
+
+def test_resuming_from_a_missing_checkpoint_is_one_line(tmp_path, capsys) -> None:
+    ws = {"root": tmp_path, "model": tiny_model_dir(tmp_path / "original"), "images": write_images(tmp_path / "i", 2)}
+    assert main(fit_args(ws, "run", "--ckpt_path", str(tmp_path / "gone.ckpt"))) == 1
+    err = capsys.readouterr().err
+    assert err == f"retrofit: error: checkpoint {tmp_path / 'gone.ckpt'} does not exist: pass a .ckpt from a run's " \
+                  "checkpoints folder.\n"

@@ -35,8 +35,16 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 
 from ..errors import RetrofitError, first_line
-from ..images import ImageLog, UnreadableImage, data_config, decode_cell, eval_transform, list_images, open_rgb, \
-    undecoded
+from ..images import (
+    ImageLog,
+    UnreadableImage,
+    data_config,
+    decode_cell,
+    eval_transform,
+    list_images,
+    open_rgb,
+    undecoded,
+)
 
 BoxFormat = Literal["xyxy", "xywh"]
 Target = tv_tensors.BoundingBoxes | tv_tensors.Mask
