@@ -19,7 +19,7 @@ import shlex
 import signal
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import FrameType
@@ -65,10 +65,10 @@ def _keys(batch: Any) -> str:
     return f" (images {', '.join(map(str, keys[:SHOWN_KEYS]))}{', ...' if len(keys) > SHOWN_KEYS else ''})"
 
 
-def _not_finite(tensors: Iterator[Tensor]) -> bool:
-    """Any NaN or inf among ``tensors``, with one device sync for all of them."""
-    flags = [torch.isfinite(t).all() for t in tensors]
-    return bool(flags) and not bool(torch.stack(flags).all())
+def _not_finite(tensors: Iterable[Tensor]) -> bool:
+    """Any NaN or inf among ``tensors`` (the largest magnitude is NaN or inf), with one device sync for all."""
+    peaks = [torch.linalg.vector_norm(t.detach(), float("inf")).float() for t in tensors]
+    return bool(peaks) and not bool(torch.isfinite(torch.stack(peaks).max()))
 
 
 def _likely_cause(trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, loss: bool) -> str:
@@ -77,9 +77,9 @@ def _likely_cause(trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, 
         return (f"likely a float16 overflow under precision {precision}: use bf16-mixed "
                 "(--trainer.precision bf16-mixed) or 32-true")
     images = batch.get("image") if isinstance(batch, Mapping) else batch if isinstance(batch, Tensor) else None
-    if isinstance(images, Tensor) and images.is_floating_point() and _not_finite(iter([images])):
+    if isinstance(images, Tensor) and images.is_floating_point() and _not_finite([images]):
         return "the batch holds NaN or infinite pixel values: fix or drop those images"
-    bad = next((name for name, p in pl_module.named_parameters() if _not_finite(iter([p]))), None)
+    bad = next((name for name, p in pl_module.named_parameters() if _not_finite([p])), None)
     if bad is not None:
         return f"weight {bad} is not finite: check the backbone's weights"
     if loss:
@@ -110,7 +110,7 @@ class NonFiniteGuard(L.Callback):
         raise NonFiniteError(f"{what} at step {trainer.global_step + 1}{_keys(self._batch)}: {cause}")
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
-        finite = not _not_finite(iter([loss.detach()]))
+        finite = not _not_finite([loss])
         if not trainer.strategy.reduce_boolean_decision(finite, all=True):
             self._stop(trainer, pl_module, "the loss is not finite on another device" if finite else
                        f"the loss is {loss.item()}")
@@ -120,8 +120,8 @@ class NonFiniteGuard(L.Callback):
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             return
         grads = {name: p.grad for name, p in pl_module.named_parameters() if p.grad is not None}
-        if _not_finite(iter(grads.values())):
-            bad = next(name for name, g in grads.items() if _not_finite(iter([g])))
+        if _not_finite(grads.values()):
+            bad = next(name for name, g in grads.items() if _not_finite([g]))
             self._stop(trainer, pl_module, f"the gradient of {bad} is not finite")
 
 
@@ -179,7 +179,7 @@ class StopCheckpoint(L.Callback):
 
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = self._directory(trainer) / f"stopped-step={trainer.global_step}.ckpt"
-        if path == self.saved or _not_finite(p.detach() for p in pl_module.parameters()):
+        if path == self.saved or _not_finite(pl_module.parameters()):
             return  # saved at this step already, or not a state worth resuming from
         trainer.save_checkpoint(path, weights_only=False)
         self.saved = path
