@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -35,13 +35,6 @@ PROBLEMS = ("unreadable", "corrupt", "foreign")  # kinds of bad entries, in repo
 Entry = dict[str, Tensor]
 
 
-def _hash_tensors(digest: Any, tensors: Iterable[tuple[str, Tensor]]) -> str:
-    for name, tensor in tensors:
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
 def teacher_fingerprint(model: nn.Module) -> str:
     """SHA-256 over the model's class, architecture and every state-dict tensor (name, shape, dtype, bytes).
 
@@ -49,12 +42,22 @@ def teacher_fingerprint(model: nn.Module) -> str:
     """
     digest = hashlib.sha256(type(model).__name__.encode())
     digest.update(str(getattr(model, "pretrained_cfg", {}).get("architecture")).encode())
-    return _hash_tensors(digest, model.state_dict().items())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def checksum(entry: Entry) -> str:
-    """BLAKE2b of an entry's tensors (names, shapes, dtypes, bytes): a flipped bit on disk changes it."""
-    return _hash_tensors(hashlib.blake2b(digest_size=16), sorted(entry.items()))
+    """CRC-32 of an entry's tensors (names, shapes, dtypes, bytes): any flipped bit or short write changes it.
+
+    A corruption check, not a fingerprint: 1-2 ms per ViT-B/14 518 px entry (2.1 MB), read every epoch.
+    """
+    crc = 0
+    for name, tensor in sorted(entry.items()):
+        crc = zlib.crc32(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode(), crc)
+        crc = zlib.crc32(tensor.contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
+    return f"{crc:08x}"
 
 
 def _storage(t: Tensor) -> Tensor:

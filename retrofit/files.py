@@ -15,8 +15,8 @@ from typing import Any
 
 
 def umask() -> int:
-    """The process's umask (reading it means setting it, so it is set straight back)."""
-    mask = os.umask(0o022)
+    """The process's umask (reading it means setting it: meanwhile the strictest, then straight back)."""
+    mask = os.umask(0o077)
     os.umask(mask)
     return mask
 
