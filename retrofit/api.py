@@ -15,6 +15,7 @@ from . import hub
 from .callbacks import training_facts
 from .data import RetrofitDataModule
 from .errors import RetrofitError
+from .faults import continue_run, explain_stops, fault_callbacks
 from .features import square_size
 from .module import RetrofitModule
 
@@ -84,6 +85,8 @@ def retrofit(
     (``ddp``, ``fsdp``, ...) and ``callbacks`` go to ``lightning.Trainer``; ``ckpt_path`` resumes a run.
     ``push_to_hub``: also upload the export to this Hub repo (``USER/NAME``, through timm's
     ``push_to_hf_hub``; the token is checked before training, and a failed push keeps ``out_dir``).
+    A NaN or infinite loss, SIGTERM or Ctrl-C stop the run with a one-line :class:`RetrofitError` after
+    saving a resumable checkpoint (:mod:`retrofit.faults`).
     Every other keyword goes to whichever of :class:`RetrofitModule` (``freeze``, ``lr``, ``targets``,
     ...), :class:`RetrofitDataModule` (``img_size``, ``batch_size``, ...) and ``lightning.Trainer``
     (``logger``, ``enable_checkpointing``, ...) takes it. ``img_size`` defaults to the backbone's own
@@ -97,9 +100,12 @@ def retrofit(
     if precision is None:
         precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     trainer_kw = {"logger": False, "enable_checkpointing": False, **trainer_kw}
+    callbacks = [*fault_callbacks(resume="retrofit(..., ckpt_path={path!r})"), *(callbacks or [])]
     trainer = L.Trainer(max_steps=max_steps, precision=precision, accelerator=accelerator, devices=devices,
                         strategy=strategy, callbacks=callbacks, **trainer_kw)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    continue_run(trainer, ckpt_path)
+    with explain_stops(trainer):
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     model = module.export_model()
     if trainer.is_global_zero and (out_dir is not None or push_to_hub is not None):
         _export(module, model, training_facts(trainer), out_dir, overwrite, push_to_hub)

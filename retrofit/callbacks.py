@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from .errors import RetrofitError
-from .export import export
+from .export import check_target, export
 from .features import inference, patch_features, patch_size
 from .hub import check_repo, push_to_hub
 from .maps import compute_maps, display_rgb
@@ -249,8 +249,11 @@ def training_facts(trainer: L.Trainer) -> dict[str, Any]:
     """What a model card says about a run: steps, images per step (all devices), resolution, distinct images."""
     facts: dict[str, Any] = {"step": trainer.global_step}
     loader = trainer.train_dataloader
-    if getattr(loader, "batch_size", None):
-        facts["batch_size"] = loader.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+    # A loader built on a batch sampler (the resumable training loader) has its batch size there.
+    batch_size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None),
+                                                                "batch_size", None)
+    if batch_size:
+        facts["batch_size"] = batch_size * trainer.world_size * trainer.accumulate_grad_batches
     if getattr(trainer.datamodule, "img_size", None):
         facts["img_size"] = trainer.datamodule.img_size
     if isinstance(getattr(loader, "dataset", None), Sized):
@@ -297,12 +300,16 @@ class RegisterExport(L.Callback):
         return self._generate_state_key(out_dir=str(self.out_dir), monitor=self.monitor)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Refuse an existing export or a push without a token before training, not after it."""
+        """Refuse an existing export, the original model's own folder or a push without a token before
+        training, not after it."""
         if stage != "fit":
             return
         if not self.overwrite and self.out_dir.exists() and any(self.out_dir.iterdir()):
             raise RetrofitError(f"{self.out_dir} already exists and is not empty: choose another out_dir or "
                                 "pass overwrite=True.")
+        model = getattr(pl_module, self.model_attr, None)
+        if isinstance(model, nn.Module):
+            check_target(model, self.out_dir, getattr(pl_module, "hparams", {}).get("backbone"))
         if self.push_to_hub is not None:
             check_repo(self.push_to_hub)
 

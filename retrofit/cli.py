@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import logging
+import shlex
 import sys
 import warnings
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from .callbacks import RegisterExport, StepProgressBar
 from .commands import console
 from .data import RetrofitDataModule
 from .errors import RetrofitError
+from .faults import continue_run, explain_stops, fault_callbacks
 from .hub import check_repo
 from .module import RetrofitModule
 from .recipes import (
@@ -173,10 +175,14 @@ def fit(args: Sequence[str]) -> Path:
     """
     cli = RetrofitCLI(args)
     trainer = cli.trainer
-    out = Path(cli.config.export_dir or Path(trainer.log_dir or trainer.default_root_dir) / "model")
+    continue_run(trainer, cli.config.ckpt_path)
+    log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    out = Path(cli.config.export_dir or log_dir / "model")
     export = RegisterExport(out, push_to_hub=cli.config.push_to_hub)
-    trainer.callbacks.append(export)
-    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    resume = f"retrofit fit --config {shlex.quote(str(log_dir / 'config.yaml'))} --ckpt_path {{ckpt}}"
+    trainer.callbacks = [*fault_callbacks(resume), *trainer.callbacks, export]
+    with explain_stops(trainer):
+        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     console.print(f"retrofitted model: [bold]{out}[/] (config and checkpoints in {trainer.log_dir})", soft_wrap=True)
     if export.pushed_url:
         console.print(f"pushed: {export.pushed_url}", soft_wrap=True)
@@ -249,7 +255,8 @@ def _show_timm_messages() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: errors print as one line (no traceback) and exit with status 1."""
+    """Entry point: errors print as one line (no traceback) and exit with status 1 (128 + the signal's number for
+    a run stopped by SIGTERM or Ctrl-C)."""
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
     _show_timm_messages()
     # Field docstrings (TargetSettings) reach --help; a backbone is a name or a path, never an nn.Module class path.
@@ -262,7 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                      description="Give a pretrained timm ViT register tokens after the fact.")
     except RetrofitError as e:
         print(f"retrofit: error: {e}", file=sys.stderr)
-        return 1
+        return getattr(e, "exit_code", 1)  # 128 + signal for a run stopped by SIGTERM / Ctrl-C
+    except KeyboardInterrupt:
+        print("retrofit: error: interrupted by Ctrl-C.", file=sys.stderr)
+        return 130
     except SystemExit as e:  # --help, --version and --print_config exit through argparse
         return e.code if isinstance(e.code, int) else 0
     return 0

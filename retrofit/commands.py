@@ -22,7 +22,7 @@ from .diagnose import REPORT_NAME, diagnose, render_table
 from .evaluate import box_dataset, evaluate_lost, evaluate_probe, mask_dataset
 from .features import square_size
 from .files import write_json
-from .images import list_images, load_images
+from .images import ImageLog, list_images, load_readable
 from .module import RetrofitModule
 from .page import PAGE_NAME
 from .surgery import count_registers
@@ -59,7 +59,7 @@ def diagnose_command(
         checkpoint: local weights file for a timm name in MODEL.
         compare_checkpoint: local weights file for a timm name in --compare.
         img_size: square input size (default: the model's own).
-        max_images: use the first N images of the folder.
+        max_images: use the first N readable images of the folder (unreadable ones are skipped and counted).
         k: outlier factor: norm above k x (or below 1/k x) the image median.
         threshold: absolute norm threshold for high-norm outliers instead of k (e.g. 150 as in Darcet et al.).
         layers: block indices to measure (default: all).
@@ -67,17 +67,25 @@ def diagnose_command(
     """
     first = load_backbone(model, checkpoint)
     second = None if compare is None else load_backbone(compare, compare_checkpoint)
-    paths = list_images(images)[:max_images]
-    batch = load_images(paths, square_size(first, img_size), first)
+    unusable = ImageLog()
+    batch, paths = load_readable(list_images(images), square_size(first, img_size), first, max_images,
+                                 Path(images), unusable)
     labels = (_label(model), _label(compare or ""))
     labels = labels if compare is None or labels[0] != labels[1] else ("model", "compare")
     names = [p.relative_to(images).as_posix() for p in paths]
     report = diagnose(first, batch, out, second, k=k, layers=layers, names=names, labels=labels,
                       threshold=threshold, batch_size=batch_size, progress=True)
     console.print(render_table(report))
+    _print_unusable(unusable)
     console.print(f"wrote {Path(out) / PAGE_NAME} (the report on one page: open it in a browser), "
                   f"{REPORT_NAME} and {len(report['figures'])} figures", soft_wrap=True)
     return report
+
+
+def _print_unusable(log: ImageLog) -> None:
+    """The one-line account of skipped (and converted) images, as fit reports them."""
+    if (line := log.summary()) is not None:
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def _report(title: str, result: dict[str, Any], out: str | None, shown: Sequence[str]) -> dict[str, Any]:
@@ -121,7 +129,8 @@ def eval_lost_command(
     backbone = load_backbone(model, checkpoint)
     data = box_dataset(dataset, boxes, box_format, split)
     result = evaluate_lost(backbone, data, img_size=img_size, k=k, batch_size=batch_size, progress=True)
-    return _report(f"LOST on {dataset}", result, out, ("corloc", "n", "skipped"))
+    _print_unusable(data.log)
+    return _report(f"LOST on {dataset}", result, out, ("corloc", "n", "skipped", "unreadable"))
 
 
 def eval_probe_command(
@@ -154,9 +163,13 @@ def eval_probe_command(
         out: write the full result (per-class IoU) to this JSON file.
     """
     backbone = load_backbone(model, checkpoint)
-    result = evaluate_probe(backbone, mask_dataset(train), mask_dataset(val), num_classes, epochs=epochs, lr=lr,
+    train_set, val_set = mask_dataset(train), mask_dataset(val)
+    result = evaluate_probe(backbone, train_set, val_set, num_classes, epochs=epochs, lr=lr,
                             img_size=img_size, batch_size=batch_size, seed=seed, progress=True)
-    return _report(f"Linear probe on {val}", result, out, ("miou", "accuracy", "train_loss", "n_train", "n_val"))
+    for data in (train_set, val_set):
+        _print_unusable(data.log)
+    return _report(f"Linear probe on {val}", result, out,
+                   ("miou", "accuracy", "train_loss", "n_train", "n_val", "unreadable"))
 
 
 def export_command(

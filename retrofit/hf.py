@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import datasets
@@ -20,14 +20,21 @@ def is_saved_dataset(spec: str | Path) -> bool:
 
 
 def open_split(
-    spec: str | Path, split: str | None = None, streaming: bool = False, columns: Sequence[str | None] = ()
+    spec: str | Path,
+    split: str | None = None,
+    streaming: bool = False,
+    columns: Mapping[str, str | None] | None = None,
+    cli_prefix: str | None = None,
 ) -> Split:
     """One split of the dataset ``spec`` names, with ``columns`` checked; every failure is one line.
 
     ``spec``: a ``save_to_disk`` folder, ``imagefolder:DIR`` (HF's image-folder loader), or anything
     ``datasets.load_dataset`` opens (a hub name, a local folder with ``metadata.jsonl``).
     ``split=None`` takes the only split there is. ``streaming`` gives an IterableDataset where the
-    loader supports it (a saved folder is returned as it is).
+    loader supports it (a saved folder is returned as it is). ``columns`` maps each setting that names
+    a column (``image_column``) to the column it names (None: not used); a missing one is an error that
+    lists the dataset's columns and says what to set, with the command line's option when ``cli_prefix``
+    (``--data.``) is given.
     """
     spec = str(spec)
     try:
@@ -51,9 +58,20 @@ def open_split(
                                 f"(got {split!r}).")
         else:
             loaded = loaded[split]
-    names = loaded.column_names
-    absent = [c for c in columns if c is not None and names is not None and c not in names]
-    if absent:
-        raise RetrofitError(f"dataset {spec!r} has no column {absent[0]!r} (columns: {', '.join(names)}): "
-                            "name the right column.")
+    check_columns(loaded, spec, columns or {}, cli_prefix)
     return loaded
+
+
+def check_columns(dataset: Split, spec: str, columns: Mapping[str, str | None], cli_prefix: str | None) -> None:
+    """One line naming the columns there are (and the image column, when the features say) for a wrong name."""
+    names = dataset.column_names
+    if names is None:  # a stream without declared features: its first row shows them
+        names = list(next(iter(dataset), {}))
+    for option, column in columns.items():
+        if column is None or column in names:
+            continue
+        images = [n for n, f in (dataset.features or {}).items() if isinstance(f, datasets.Image)]
+        hint = images[0] if option == "image_column" and len(images) == 1 else f"one of {', '.join(names)}"
+        cli = f" (CLI: {cli_prefix}{option})" if cli_prefix else ""
+        raise RetrofitError(f"dataset {spec!r} has no column {column!r} (its columns: {', '.join(names) or 'none'}): "
+                            f"set {option} to {hint}{cli}.")

@@ -1,6 +1,10 @@
 """Helpers shared by the test files: tiny timm ViTs with non-trivial weights, and images made on the fly."""
 
+import contextlib
 import json
+import resource
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +97,16 @@ def write_scenes(
         boxes[f"{k}.png"] = [box]
     (root / "images" / "boxes.json").write_text(json.dumps(boxes))
     return root
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Writes past ``limit`` bytes fail (EFBIG) as they would on a full disk; SIGXFSZ is ignored meanwhile."""
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)

@@ -306,3 +306,20 @@ def test_eval_lost_and_probe(workspace: dict[str, Path]) -> None:
     probe = json.loads(probe_out.read_text())
     assert probe["n_train"] == 6 and 0 <= probe["miou"] <= 1
 
+
+def test_diagnose_and_eval_skip_and_count_unreadable_images(workspace: dict[str, Path],
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    root = write_images(workspace["root"] / "mixed", 3)
+    (root / "broken.png").write_bytes(b"\x89PNG but not an image")
+    (root / "empty.jpg").write_bytes(b"")
+    out, model = workspace["root"] / "diagnose-mixed", str(workspace["model"])
+    assert main(["diagnose", model, "--images", str(root), "--out", str(out), "--max_images", "8"]) == 0
+    assert len(json.loads((out / "diagnose.json").read_text())["images"]) == 3
+    skipped = "skipped 2 unusable image(s): 1 empty file, 1 not an image (broken.png, empty.jpg)."
+    assert skipped in capsys.readouterr().out
+    boxes = workspace["root"] / "mixed-boxes.json"
+    boxes.write_text(json.dumps({p.name: [[8, 8, 40, 40]] for p in root.iterdir()}))
+    assert main(["eval", "lost", model, "--dataset", str(root), "--boxes", str(boxes), "--k", "3",
+                 "--out", str(out / "l.json")]) == 0
+    result = json.loads((out / "l.json").read_text())
+    assert result["n"] == 3 and result["unreadable"] == 2 and skipped in capsys.readouterr().out

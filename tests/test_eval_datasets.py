@@ -85,7 +85,8 @@ def test_hf_save_to_disk_boxes_and_splits(tmp_path):
         assert np.array_equal(np.asarray(image), np.asarray(orig))
     with pytest.raises(RetrofitError, match="has splits train, validation: choose one with split="):
         box_dataset(tmp_path / "hf")
-    with pytest.raises(RetrofitError, match="no column 'boxes'"):
+    with pytest.raises(RetrofitError, match=r"no column 'boxes' \(its columns: image, objects\): set boxes_column to "
+                       r"one of image, objects\.$"):
         box_dataset(tmp_path / "hf", split="train", boxes_column="boxes.bbox")
 
 

@@ -1,7 +1,10 @@
 """export/load: timm-native, bit-identical through retrofit and through plain timm, atomic."""
 
+import copy
 import importlib
 import json
+import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -12,8 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 from retrofit import RetrofitError, add_registers, export, load, load_backbone
+from retrofit.files import write_json
 
-from .helpers import perturb_
+from .helpers import file_size_limit, perturb_
 
 
 @pytest.fixture
@@ -103,3 +107,53 @@ def test_incomplete_export_dir_is_one_line_error(tmp_path, student):
     with pytest.raises(RetrofitError, match="no model.safetensors") as err:
         load(out)
     assert "\n" not in str(err.value)
+
+
+@pytest.fixture
+def tiny():
+    """A 1.6 MB student: quicker to build than ``student``, far above a 100 kB file size limit."""
+    return add_registers(perturb_(timm.create_model("test_vit", pretrained=False, img_size=32, patch_size=8)), 2)
+
+
+def test_a_write_that_fails_half_way_keeps_the_previous_export(tmp_path, tiny):
+    out = export(tiny, tmp_path / "exp")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    retrained = perturb_(copy.deepcopy(tiny))
+    with pytest.raises(RetrofitError) as err, file_size_limit(100_000):
+        export(retrained, out, overwrite=True)
+    assert "\n" not in str(err.value) and "could not write the export" in str(err.value)
+    assert f"{out} is unchanged" in str(err.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["exp"]  # no temporary folder left
+
+
+def test_export_over_the_models_own_source_is_refused(tmp_path, tiny):
+    source = export(tiny, tmp_path / "original")
+    before = (source / "model.safetensors").read_bytes()
+    loaded = load_backbone(source)
+    with pytest.raises(RetrofitError, match="holds the original model this one was made from") as err:
+        export(loaded, source, overwrite=True)
+    assert "\n" not in str(err.value) and (source / "model.safetensors").read_bytes() == before
+    with pytest.raises(RetrofitError, match="holds the original model"):
+        export(tiny, tmp_path / "." / "original", overwrite=True, backbone=str(source))
+
+
+def test_a_replace_cut_short_between_its_renames_is_undone(tmp_path, tiny):
+    out = export(tiny, tmp_path / "exp")
+    out.rename(tmp_path / ".exp.old")  # killed after moving the old export aside, before the new one landed
+    with pytest.raises(RetrofitError, match="already exists"):
+        export(tiny, out)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_written_files_and_folders_follow_the_umask(tmp_path, tiny, mask):
+    previous = os.umask(mask)
+    try:
+        out = export(tiny, tmp_path / "exp")
+        report = write_json({"a": 1}, tmp_path / "r" / "report.json")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    for path in [*out.iterdir(), report]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path

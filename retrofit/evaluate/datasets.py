@@ -34,7 +34,16 @@ from torchvision.ops import box_convert
 
 from ..errors import RetrofitError
 from ..hf import open_split
-from ..images import data_config, eval_transform, list_images, open_rgb
+from ..images import (
+    ImageLog,
+    UnreadableImage,
+    data_config,
+    decode_cell,
+    eval_transform,
+    list_images,
+    open_rgb,
+    undecoded,
+)
 from ..progress import track
 
 BoxFormat = Literal["xyxy", "xywh"]
@@ -45,11 +54,15 @@ IMAGES_DIR, MASKS_DIR = "images", "masks"
 
 
 class EvalDataset(Sequence[Sample]):
-    """Samples read only when indexed, so a large evaluation set never sits in memory at once."""
+    """Samples read only when indexed, so a large evaluation set never sits in memory at once.
+
+    :func:`batches` skips samples whose image or mask cannot be read and records them in ``log``.
+    """
 
     def __init__(self, keys: Sequence[str], read: Callable[[int], tuple[Image.Image, Target]]) -> None:
         self.keys = list(keys)
         self._read = read
+        self.log = ImageLog()
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -79,9 +92,8 @@ def box_dataset(
         boxes = Path(spec, BOXES_FILE)
     if boxes is not None:
         return _folder_boxes(Path(spec), Path(boxes), box_format)
-    return _hf_dataset(
-        spec, split, image_column, boxes_column, lambda raw, image, where: _boxes(raw, box_format, image, where)
-    )
+    return _hf_dataset(spec, split, image_column, boxes_column, "boxes_column",
+                       lambda raw, image, where: _boxes(raw, box_format, image, where))
 
 
 def mask_dataset(
@@ -100,7 +112,7 @@ def mask_dataset(
         spec, masks = Path(spec, IMAGES_DIR), Path(spec, MASKS_DIR)
     if masks is not None:
         return _folder_masks(Path(spec), Path(masks))
-    return _hf_dataset(spec, split, image_column, mask_column, _mask)
+    return _hf_dataset(spec, split, image_column, mask_column, "mask_column", _mask)
 
 
 def batches(
@@ -112,7 +124,8 @@ def batches(
 ) -> Iterator[tuple[list[str], torch.Tensor, list[Target]]]:
     """(keys, images on the model's device and dtype, targets in crop pixels), ``batch_size`` at a time.
 
-    ``progress`` is a description to show a rich progress bar under, or None for none.
+    Unreadable samples are left out and counted in ``dataset.log``, as training does; a dataset with
+    none readable is an error. ``progress`` is a description to show a rich progress bar under, or None.
     """
     if batch_size < 1:
         raise RetrofitError(f"batch_size must be >= 1, got {batch_size}.")
@@ -121,11 +134,26 @@ def batches(
     tf = eval_transform(img_size, **data_config(model))
     ref = next(model.parameters())
     steps = range(0, len(dataset), batch_size)
+    readable = 0
     for start in track(steps, progress or "", enabled=progress is not None):
-        samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        samples = [s for i in range(start, min(start + batch_size, len(dataset))) if (s := _sample(dataset, i))]
+        if not samples:
+            continue
+        readable += len(samples)
         pairs = [tf(image, target) for _, image, target in samples]
         images = torch.stack([x for x, _ in pairs]).to(device=ref.device, dtype=ref.dtype)
         yield [key for key, _, _ in samples], images, [t for _, t in pairs]
+    if not readable:
+        raise RetrofitError(f"none of the {len(dataset)} evaluation images could be read ({dataset.log.kinds()}): "
+                            "remove or replace them.")
+
+
+def _sample(dataset: EvalDataset, i: int) -> Sample | None:
+    try:
+        return dataset[i]
+    except UnreadableImage as e:
+        dataset.log.add(skipped=[(dataset.keys[i], e.kind)])
+        return None
 
 
 def _folder_boxes(root: Path, boxes_file: Path, box_format: BoxFormat) -> EvalDataset:
@@ -199,7 +227,8 @@ def _folder_masks(images_root: Path, masks_root: Path) -> EvalDataset:
             with Image.open(path) as m:
                 return image, _mask(m, image, str(path))
         except OSError as e:
-            raise RetrofitError(f"cannot read mask {path} ({type(e).__name__}): remove or replace the file.") from e
+            raise UnreadableImage(f"cannot read mask {path} ({type(e).__name__}): remove or replace the file.",
+                                  "unreadable mask") from e
 
     return EvalDataset(keys, read)
 
@@ -225,10 +254,13 @@ def _hf_dataset(
     split: str | None,
     image_column: str,
     target_column: str,
+    target_option: str,
     to_target: Callable[[Any, Image.Image, str], Target],
 ) -> EvalDataset:
-    """Rows of a Hugging Face dataset as samples; ``target_column`` may be dotted into a struct column."""
-    ds = open_split(spec, split, columns=(image_column, target_column.split(".")[0]))
+    """Rows of a Hugging Face dataset as samples; ``target_column`` (the setting ``target_option``) may be
+    dotted into a struct column."""
+    columns = {"image_column": image_column, target_option: target_column.split(".")[0]}
+    ds = undecoded(open_split(spec, split, columns=columns), image_column)
 
     def read(i: int) -> tuple[Image.Image, Target]:
         row = ds[i]
@@ -249,9 +281,9 @@ def _dig(row: dict[str, Any], dotted: str) -> Any:
 
 
 def _hf_image(value: Any, column: str) -> Image.Image:
-    if not isinstance(value, Image.Image):
+    if not isinstance(value, (dict, Image.Image)):  # an Image column's cells are PIL images or {bytes, path}
         raise RetrofitError(
             f"column {column!r} holds {type(value).__name__}, not images: cast it with datasets.Image() "
             "or name the image column with image_column."
         )
-    return value.convert("RGB")
+    return decode_cell(value)[0]

@@ -89,8 +89,9 @@ def evaluate_lost(
 
     ``dataset`` is an :func:`box_dataset` or a spec it opens with its defaults. Images are resized
     and centre-cropped to ``img_size`` (default: the model's) with their boxes; an image whose boxes
-    all fall outside the crop cannot be scored and is counted in ``skipped``. Returns ``corloc``,
-    ``n`` (scored images), ``skipped`` and ``per_image`` entries ``{key, box, iou, hit}``.
+    all fall outside the crop cannot be scored and is counted in ``skipped``; an unreadable one is left
+    out and counted in ``unreadable`` (details in ``dataset.log``). Returns ``corloc``, ``n`` (scored
+    images), ``skipped``, ``unreadable`` and ``per_image`` entries ``{key, box, iou, hit}``.
     """
     data = dataset if isinstance(dataset, EvalDataset) else box_dataset(dataset)
     size = square_size(model, img_size)
@@ -113,5 +114,6 @@ def evaluate_lost(
         "corloc": sum(p["hit"] for p in per_image) / len(per_image),
         "n": len(per_image),
         "skipped": skipped,
+        "unreadable": len(data.log),
         "per_image": per_image,
     }

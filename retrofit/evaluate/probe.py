@@ -108,7 +108,7 @@ def evaluate_probe(
     std (an affine map a linear head could absorb; it only speeds up optimisation). The model runs
     in eval mode and is handed back in its own mode. Returns ``miou``, ``per_class_iou`` (None for
     classes in neither prediction nor ground truth), ``accuracy`` (pixel), ``train_loss``,
-    ``n_train``, ``n_val``.
+    ``n_train``, ``n_val`` and ``unreadable`` (samples left out of either set, details in their ``log``).
     """
     if num_classes < 2 or epochs < 1 or lr <= 0:
         raise RetrofitError(
@@ -128,4 +128,5 @@ def evaluate_probe(
         "train_loss": loss,
         "n_train": len(train_x),
         "n_val": len(val_x),
+        "unreadable": sum(len(d.log) for d in sets),
     }
