@@ -385,6 +385,16 @@ class StepProgressBar(RichProgressBar):
     itself still fills once per epoch. The logger's version number (``v_num``) is left out.
     """
 
+    @property
+    def total_train_batches(self) -> int | float:
+        """This epoch's batches up to ``max_steps``, those done included: Lightning counts only the steps left,
+        which undercounts an epoch resumed half-way (its bar read "3/1")."""
+        trainer = self.trainer
+        if trainer.max_epochs == -1 and trainer.max_steps > 0:
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            return min(trainer.num_training_batches, done + trainer.max_steps - trainer.global_step)
+        return super().total_train_batches
+
     def _describe(self, trainer: L.Trainer) -> None:
         if trainer.max_steps > 0 and self.progress is not None and self.train_progress_bar_id is not None:
             description = f"step {trainer.global_step}/{trainer.max_steps} (epoch {trainer.current_epoch})"
@@ -395,8 +405,9 @@ class StepProgressBar(RichProgressBar):
         self._describe(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)  # makes the bar of an epoch resumed half-way
         self._describe(trainer)  # the optimizer step is done: global_step counts it
-        super().on_train_batch_end(trainer, pl_module, *args)
+        self.refresh()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float]:
         metrics = super().get_metrics(trainer, pl_module)
