@@ -58,11 +58,11 @@ def open_split(
                                 f"(got {split!r}).")
         else:
             loaded = loaded[split]
-    check_columns(loaded, spec, columns or {}, cli_prefix)
+    _check_columns(loaded, spec, columns or {}, cli_prefix)
     return loaded
 
 
-def check_columns(dataset: Split, spec: str, columns: Mapping[str, str | None], cli_prefix: str | None) -> None:
+def _check_columns(dataset: Split, spec: str, columns: Mapping[str, str | None], cli_prefix: str | None) -> None:
     """One line naming the columns there are (and the image column, when the features say) for a wrong name."""
     names = dataset.column_names
     if names is None:  # a stream without declared features: its first row shows them
