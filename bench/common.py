@@ -21,9 +21,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from retrofit.features import grid_size, patch_features, patch_size
+from retrofit.features import grid_size, model_device, patch_features, patch_size
 from retrofit.images import data_config
-from retrofit.maps import model_device
 from retrofit.metrics import patch_cosine
 from retrofit.module import RetrofitModule
 from retrofit.synthetic import plant_artifacts, synthetic_images

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +11,11 @@ import lightning as L
 import torch
 from torch import nn
 
+from . import hub
+from .callbacks import training_facts
 from .data import RetrofitDataModule
 from .errors import RetrofitError
+from .faults import continue_run, explain_stops, fault_callbacks
 from .features import square_size
 from .module import RetrofitModule
 
@@ -68,6 +72,7 @@ def retrofit(
     strategy: str = "auto",
     callbacks: list[L.Callback] | None = None,
     ckpt_path: str | None = None,
+    push_to_hub: str | None = None,
     **settings: Any,
 ) -> nn.Module:
     """Give ``backbone`` ``num_registers`` register tokens by self-distillation; return the plain timm model.
@@ -78,21 +83,42 @@ def retrofit(
     (timm-native, atomic; ``overwrite`` replaces an existing export). ``precision``: Lightning's
     (default ``bf16-mixed`` with CUDA, else ``32-true``); ``accelerator`` / ``devices`` / ``strategy``
     (``ddp``, ``fsdp``, ...) and ``callbacks`` go to ``lightning.Trainer``; ``ckpt_path`` resumes a run.
+    ``push_to_hub``: also upload the export to this Hub repo (``USER/NAME``, through timm's
+    ``push_to_hf_hub``; the token is checked before training, and a failed push keeps ``out_dir``).
+    A NaN or infinite loss, SIGTERM or Ctrl-C stop the run with a one-line :class:`RetrofitError` after
+    saving a resumable checkpoint (:mod:`retrofit.faults`).
     Every other keyword goes to whichever of :class:`RetrofitModule` (``freeze``, ``lr``, ``targets``,
     ...), :class:`RetrofitDataModule` (``img_size``, ``batch_size``, ...) and ``lightning.Trainer``
     (``logger``, ``enable_checkpointing``, ...) takes it. ``img_size`` defaults to the backbone's own
     size; checkpointing and logging are off unless asked for.
     """
     module_kw, data_kw, trainer_kw = _route(settings)
+    if push_to_hub is not None:
+        hub.check_repo(push_to_hub)
     module = RetrofitModule(backbone, num_registers=num_registers, **module_kw)
     dm = _data_module(data, data_kw, img_size=square_size(module.teacher))
     if precision is None:
         precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     trainer_kw = {"logger": False, "enable_checkpointing": False, **trainer_kw}
+    callbacks = [*fault_callbacks(resume="retrofit(..., ckpt_path={path!r})"), *(callbacks or [])]
     trainer = L.Trainer(max_steps=max_steps, precision=precision, accelerator=accelerator, devices=devices,
                         strategy=strategy, callbacks=callbacks, **trainer_kw)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    continue_run(trainer, ckpt_path)
+    with explain_stops(trainer):
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     model = module.export_model()
-    if out_dir is not None and trainer.is_global_zero:
-        module.export(out_dir, overwrite=overwrite, model=model)
+    if trainer.is_global_zero and (out_dir is not None or push_to_hub is not None):
+        _export(module, model, training_facts(trainer), out_dir, overwrite, push_to_hub)
     return model
+
+
+def _export(module: RetrofitModule, model: nn.Module, facts: dict[str, Any], out_dir: str | Path | None,
+            overwrite: bool, repo_id: str | None) -> None:
+    """Export to ``out_dir`` (a scratch folder when only pushing), then push to ``repo_id``."""
+    if out_dir is None:
+        with tempfile.TemporaryDirectory() as scratch:
+            _export(module, model, facts, Path(scratch) / repo_id.split("/")[-1], overwrite, repo_id)
+        return
+    folder = module.export(out_dir, overwrite=overwrite, model=model, repo_id=repo_id, **facts)
+    if repo_id is not None:
+        hub.push_to_hub(folder, repo_id)

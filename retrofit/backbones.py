@@ -3,86 +3,41 @@
 from __future__ import annotations
 
 import difflib
-import importlib
-import json
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import timm
-import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from .errors import RetrofitError, first_line
+from .export import is_export_dir, load
 from .surgery import check_supported
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+LOCAL_WEIGHTS_FLAGS = "checkpoint=PATH in Python, --model.checkpoint PATH in retrofit fit, --checkpoint PATH elsewhere"
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a checkpoint file without running any code in it (safetensors or weights-only pickle)."""
-    path = Path(path)
+def _from_file(spec: str, path: Path, model_kwargs: dict[str, Any]) -> nn.Module:
+    """``spec`` with weights from a local file, through timm's own loader (``pretrained_cfg_overlay``).
+
+    timm reads it without running code (safetensors or weights-only pickle), unwraps training
+    checkpoints (``state_dict`` / ``model`` / EMA keys, a ``module.`` prefix), converts the family's
+    foreign key layouts (DINOv2 release, OpenAI CLIP, HF) with its ``checkpoint_filter_fn`` and loads
+    strictly, adapting the classifier to ``num_classes``.
+    """
     if not path.is_file():
         raise RetrofitError(f"checkpoint {path} does not exist: check the path.")
     if path.suffix not in CHECKPOINT_SUFFIXES:
-        raise RetrofitError(
-            f"checkpoint {path.name} has an unknown suffix: use one of {', '.join(CHECKPOINT_SUFFIXES)}."
-        )
+        suffixes = ", ".join(CHECKPOINT_SUFFIXES)
+        raise RetrofitError(f"checkpoint {path.name} has an unknown suffix: use one of {suffixes}.")
     try:
-        if path.suffix == ".safetensors":
-            sd: Any = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any reader failure means the file is unusable; say so in one line
+        return timm.create_model(spec, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **model_kwargs)
+    except Exception as e:  # unreadable, foreign or mismatched weights: the cause says which
         raise RetrofitError(
-            f"checkpoint {path} is corrupt or not a weights file ({first_line(e)}): re-download it."
+            f"checkpoint {path.name} does not load into {spec} ({type(e).__name__}: {first_line(e, 160)}): "
+            "pass the model name these weights were trained with, or a file that is not corrupt."
         ) from e
-    for key in ("state_dict", "model", "module", "teacher"):  # common training-checkpoint wrappers
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise RetrofitError(f"checkpoint {path} holds no plain state dict of tensors: save model.state_dict().")
-    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
-
-
-def _filter_fn(model: nn.Module):
-    """timm's own key converter for the model's family (DINOv2, OpenAI CLIP, HF layouts, ...)."""
-    module = importlib.import_module(type(model).__module__)
-    return getattr(module, "checkpoint_filter_fn", None)
-
-
-def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a local checkpoint into ``model`` in place, converting foreign key layouts through timm."""
-    sd = read_state_dict(path)
-    filter_fn = _filter_fn(model)
-    if filter_fn is not None:
-        try:
-            sd = filter_fn(sd, model)
-        except Exception as e:
-            raise RetrofitError(
-                f"checkpoint {Path(path).name} does not fit {model.pretrained_cfg['architecture']} "
-                f"({type(e).__name__}: {first_line(e, 120)}): pass the model name these weights were trained with."
-            ) from e
-    own = model.state_dict()
-    mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    if mismatched or missing or unexpected:
-        detail = "; ".join(
-            f"{label} {keys[:3]}" for label, keys in
-            (("shape mismatch", mismatched), ("missing", missing), ("unexpected", unexpected)) if keys
-        )
-        raise RetrofitError(
-            f"checkpoint {Path(path).name} does not fit {model.pretrained_cfg['architecture']} ({detail}): "
-            "pass the model name these weights were trained with."
-        )
-    model.load_state_dict(sd)
-    return model
-
-
-def is_export_dir(path: str | Path) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / "config.json").is_file()
 
 
 def _check_name(name: str) -> None:
@@ -111,13 +66,11 @@ def load_backbone(
     """
     spec = str(spec)
     if is_export_dir(spec):
-        from .export import load
-
-        return load(spec, **model_kwargs).eval()
+        return load(spec, **model_kwargs)
     if Path(spec).suffix in CHECKPOINT_SUFFIXES or Path(spec).is_dir():
         raise RetrofitError(
-            f"{spec} is a file or folder, not a model name: pass the timm name and checkpoint={spec!r} "
-            "(CLI: --checkpoint), or a directory written by retrofit export."
+            f"{spec} is a file or folder, not a model name: pass the timm name and the file as checkpoint "
+            f"({LOCAL_WEIGHTS_FLAGS}), or a directory written by retrofit export."
         )
     _check_name(spec)
     # Build the architecture first so an unsupported class fails before any download.
@@ -126,19 +79,14 @@ def load_backbone(
     if not pretrained:
         return model.eval()
     if checkpoint is not None:
-        return load_checkpoint(model, checkpoint).eval()
+        return _from_file(spec, Path(checkpoint), model_kwargs).eval()
     try:
         return timm.create_model(spec, pretrained=True, **model_kwargs).eval()
     except Exception as e:
+        where = ("HF_HUB_OFFLINE is set and they are not in the local cache" if huggingface_hub.constants.HF_HUB_OFFLINE
+                 else f"{type(e).__name__}; offline, set HF_HUB_OFFLINE=1 to fail at once")
         raise RetrofitError(
-            f"could not fetch pretrained weights for {spec!r} ({type(e).__name__}): when offline, "
-            "pass a local weights file with checkpoint=PATH (CLI: --checkpoint PATH)."
+            f"could not fetch pretrained weights for {spec!r} ({where}): pass a local weights file "
+            f"({LOCAL_WEIGHTS_FLAGS})."
         ) from e
 
-
-def export_config(path: str | Path) -> dict[str, Any]:
-    """The config.json of an export directory."""
-    try:
-        return json.loads((Path(path) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RetrofitError(f"{path}/config.json is missing or not valid JSON: export the model again.") from e

@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from .errors import RetrofitError
-from .export import export
-from .features import patch_features, patch_size
-from .maps import compute_maps, display_rgb, figure_array, inference, plot_maps, save_figure
+from .export import check_target, export
+from .features import inference, patch_features, patch_size
+from .hub import check_repo, push_to_hub
+from .maps import compute_maps, display_rgb
 from .metrics import FeatureFidelity, OutlierFraction, PatchNormStats
+from .module import RetrofitModule
+from .plots import figure_array, plot_maps, save_figure
 from .surgery import timm_model
 from .targets import crop_center
 
@@ -101,6 +105,9 @@ class _ProbeCallback(L.Callback, ABC):
 class ArtifactMonitor(_ProbeCallback):
     """Logs outlier fractions, norm statistics and fidelity of the model's patch features on a probe batch.
 
+    Every evaluation goes to each of the Trainer's loggers (TensorBoard scalars, W&B, CSV rows, ...)
+    at its step, and to ``trainer.callback_metrics`` for other callbacks to monitor.
+
     Fidelity is the patch cosine to the module's denoised targets (``pl_module.targets(probe, margin)
     .features``, computed once, without moving the targets' random views) when it has ``targets``,
     else to the reference model's (``reference_attr``) features. Keys are ``<prefix>/outlier_high``,
@@ -169,8 +176,13 @@ class ArtifactMonitor(_ProbeCallback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         values = self.measure(pl_module)
         self.history.append({"step": trainer.global_step, **values})
-        pl_module.log_dict({f"{self.prefix}/{k}": v for k, v in values.items()}, on_step=True, on_epoch=False,
-                           batch_size=len(self.probe))
+        metrics = {f"{self.prefix}/{k}": v for k, v in values.items()}
+        # for monitors and the progress bar; the loggers get every evaluation directly, at its own step,
+        # whatever the Trainer's log_every_n_steps
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(self.probe), logger=False)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
         if trainer.global_step > 0 and (self.stop_outlier_fraction is not None or self.stop_fidelity is not None):
             # every rank evaluates here; all must agree to stop or DDP hangs
             if trainer.strategy.reduce_boolean_decision(self._targets_met(values), all=True):
@@ -185,9 +197,9 @@ class ArtifactMonitor(_ProbeCallback):
 class NormMapLogger(_ProbeCallback):
     """Figures of norm, CLS-attention and PCA maps of the probe images, one row per image, every N steps.
 
-    Loggers that take images get them (``WandbLogger.log_image``, ``TensorBoardLogger`` ``add_image``,
-    any logger with ``log_image(key, images, step)``). PNGs ``norm_maps_step<N>.png`` go to ``out_dir``
-    when given, and to ``<trainer.log_dir>/norm_maps`` when no logger takes images.
+    Loggers that take images get them (``TensorBoardLogger``: ``add_image``; ``WandbLogger`` and any
+    logger with ``log_image(key, images, step)``: ``log_image``). PNGs ``norm_maps_step<N>.png`` go to
+    ``out_dir`` when given, and to ``<trainer.log_dir>/norm_maps`` when no logger takes images (CSV).
     """
 
     def __init__(
@@ -233,6 +245,22 @@ def _log_image(logger: Any, tag: str, image: np.ndarray, step: int) -> bool:
     return False
 
 
+def training_facts(trainer: L.Trainer) -> dict[str, Any]:
+    """What a model card says about a run: steps, images per step (all devices), resolution, distinct images."""
+    facts: dict[str, Any] = {"step": trainer.global_step}
+    loader = trainer.train_dataloader
+    # A loader built on a batch sampler (the resumable training loader) has its batch size there.
+    batch_size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None),
+                                                                "batch_size", None)
+    if batch_size:
+        facts["batch_size"] = batch_size * trainer.world_size * trainer.accumulate_grad_batches
+    if getattr(trainer.datamodule, "img_size", None):
+        facts["img_size"] = trainer.datamodule.img_size
+    if isinstance(getattr(loader, "dataset", None), Sized):
+        facts["train_images"] = len(loader.dataset)
+    return facts
+
+
 class RegisterExport(L.Callback):
     """Writes the timm-native export (:func:`retrofit.export`) at the end of fit, or on every improvement.
 
@@ -240,7 +268,10 @@ class RegisterExport(L.Callback):
     is replaced whenever the metric improves (``mode`` min or max); if it was never logged, the final
     model is exported at fit end with a warning, so a run never ends without a model. The model is
     ``pl_module.export_model()`` when the module has one (LoRA merged), else ``getattr(pl_module,
-    model_attr)`` (a peft model is merged on a copy). Only global rank 0 writes.
+    model_attr)`` (a peft model is merged on a copy). The export's model card records the run (steps,
+    images, resolution; backbone and freeze preset of a :class:`RetrofitModule`). With ``push_to_hub``
+    (``USER/NAME``) the final export is uploaded at fit end (:func:`retrofit.hub.push_to_hub`; the token
+    is checked before training). Only global rank 0 writes and pushes.
     """
 
     def __init__(
@@ -250,13 +281,18 @@ class RegisterExport(L.Callback):
         mode: Literal["min", "max"] = "min",
         overwrite: bool = True,
         model_attr: str = "student",
+        push_to_hub: str | None = None,
+        private: bool = False,
     ) -> None:
         if mode not in ("min", "max"):
             raise RetrofitError(f"mode must be 'min' or 'max', got {mode!r}.")
         self.out_dir, self.monitor, self.mode = Path(out_dir), monitor, mode
         self.overwrite, self.model_attr = overwrite, model_attr
+        self.push_to_hub, self.private = push_to_hub, private
         self.best_score: float | None = None
         self.exported_step: int | None = None
+        self.pushed_url: str | None = None
+        self.facts: dict[str, Any] = {}
 
     @property
     def state_key(self) -> str:
@@ -264,10 +300,21 @@ class RegisterExport(L.Callback):
         return self._generate_state_key(out_dir=str(self.out_dir), monitor=self.monitor)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Refuse an existing export before training, not after it."""
-        if stage == "fit" and not self.overwrite and self.out_dir.exists() and any(self.out_dir.iterdir()):
+        """Refuse an existing export, the original model's own folder or a push without a token before
+        training, not after it."""
+        if stage != "fit":
+            return
+        if not self.overwrite and self.out_dir.exists() and any(self.out_dir.iterdir()):
             raise RetrofitError(f"{self.out_dir} already exists and is not empty: choose another out_dir or "
                                 "pass overwrite=True.")
+        model = getattr(pl_module, self.model_attr, None)
+        if isinstance(model, nn.Module):
+            check_target(model, self.out_dir, getattr(pl_module, "hparams", {}).get("backbone"))
+        if self.push_to_hub is not None:
+            check_repo(self.push_to_hub)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.facts = {k: v for k, v in training_facts(trainer).items() if k != "step"}
 
     def _model(self, pl_module: L.LightningModule) -> nn.Module:
         if callable(getattr(pl_module, "export_model", None)):
@@ -280,7 +327,12 @@ class RegisterExport(L.Callback):
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, **metadata: Any) -> None:
         if trainer.is_global_zero:
-            export(self._model(pl_module), self.out_dir, overwrite=True, step=trainer.global_step, **metadata)
+            metadata = {**training_facts(trainer), **metadata, "repo_id": self.push_to_hub}
+            model = self._model(pl_module)
+            if isinstance(pl_module, RetrofitModule):  # it adds its backbone and freeze preset
+                pl_module.export(self.out_dir, overwrite=True, model=model, **metadata)
+            else:
+                export(model, self.out_dir, overwrite=True, **metadata)
         self.exported_step = trainer.global_step
 
     def _improved(self, score: float) -> bool:
@@ -303,14 +355,61 @@ class RegisterExport(L.Callback):
         self._check(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.monitor is not None and self.best_score is not None:
-            return
-        if self.monitor is not None:
-            rank_zero_warn(f"RegisterExport never saw metric {self.monitor!r}: exporting the final model.")
-        self._export(trainer, pl_module)
+        if self.monitor is None or self.best_score is None:
+            if self.monitor is not None:
+                rank_zero_warn(f"RegisterExport never saw metric {self.monitor!r}: exporting the final model.")
+            self._export(trainer, pl_module)
+        if self.push_to_hub is not None and trainer.is_global_zero:
+            self.pushed_url = push_to_hub(self.out_dir, self.push_to_hub, private=self.private)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_score": self.best_score}
+        """The best score, and the run's facts for a model card exported later from the checkpoint."""
+        return {"best_score": self.best_score, "facts": self.facts}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_score = state_dict["best_score"]
+        self.facts = state_dict.get("facts", {})
+
+    @staticmethod
+    def saved_facts(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+        """The run's facts a RegisterExport kept in a Lightning checkpoint (images, resolution), for a model card
+        exported from it later; empty when the run had none."""
+        states = checkpoint.get("callbacks") or {}
+        return next((dict(v.get("facts") or {}) for k, v in states.items() if str(k).startswith("RegisterExport")), {})
+
+
+class StepProgressBar(RichProgressBar):
+    """Rich progress that reads "step 120/1000 (epoch 3)" when ``max_steps`` bounds the run.
+
+    Lightning's bar counts epochs, which a step-bounded run does not have ("Epoch 16/-2"); the bar
+    itself still fills once per epoch. The logger's version number (``v_num``) is left out.
+    """
+
+    @property
+    def total_train_batches(self) -> int | float:
+        """This epoch's batches up to ``max_steps``, those done included: Lightning counts only the steps left,
+        which undercounts an epoch resumed half-way (its bar read "3/1")."""
+        trainer = self.trainer
+        if trainer.max_epochs == -1 and trainer.max_steps > 0:
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            return min(trainer.num_training_batches, done + trainer.max_steps - trainer.global_step)
+        return super().total_train_batches
+
+    def _describe(self, trainer: L.Trainer) -> None:
+        if trainer.max_steps > 0 and self.progress is not None and self.train_progress_bar_id is not None:
+            description = f"step {trainer.global_step}/{trainer.max_steps} (epoch {trainer.current_epoch})"
+            self.progress.update(self.train_progress_bar_id, description=description)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._describe(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)  # makes the bar of an epoch resumed half-way
+        self._describe(trainer)  # the optimizer step is done: global_step counts it
+        self.refresh()
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics

@@ -1,83 +1,93 @@
 """`retrofit` console script: fit, diagnose, eval, export, demo and recipes over the library's own functions.
 
-``fit`` is a LightningCLI over :class:`RetrofitModule` and :class:`RetrofitDataModule` (config files,
-dotted overrides, ``--print_config``, the resolved config saved beside the run). The other subcommands
-are jsonargparse parsers built from the typed signatures and docstrings of the ``*_command`` functions
-below, so ``--help`` documents every option and ``--config`` works everywhere. Every configuration
-error is reported as one line naming the field, before any model is built.
+``fit`` is a LightningCLI over :class:`RetrofitModule` and :class:`RetrofitDataModule` (config files or
+recipe names, dotted overrides, ``--print_config``, the resolved config saved beside the run). Every other
+command is a plain function (here and in :mod:`retrofit.commands`) that jsonargparse's ``auto_cli`` turns
+into a subcommand from its typed signature and docstring, from the nested dict ``COMMANDS``, as litgpt
+does. All parsers refuse abbreviated options and report a bad configuration as one line naming the field
+(with the nearest option for a typo), before any model is built.
 """
 
 from __future__ import annotations
 
-import inspect
+import difflib
+import importlib.util
 import logging
-import re
+import shlex
 import sys
-from argparse import ArgumentError
-from collections.abc import Callable, Sequence
-from functools import partial
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Any, NoReturn
 
-import docstring_parser
-import torch
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
-from lightning.pytorch.callbacks import RichProgressBar
+import lightning as L
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, auto_cli, set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from rich.console import Console
-from rich.syntax import Syntax
-from rich.table import Table
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from rich.logging import RichHandler
+from torch import nn
 
-from . import __version__
-from .backbones import load_backbone
-from .callbacks import RegisterExport
+from . import __version__, commands
+from .callbacks import RegisterExport, StepProgressBar
+from .commands import console
 from .data import RetrofitDataModule
-from .demo import run_demo
-from .diagnose import REPORT_NAME, diagnose, render_table
-from .errors import RetrofitError, first_line
-from .evaluate import box_dataset, evaluate_lost, evaluate_probe, mask_dataset
-from .features import square_size
-from .files import write_json
-from .images import list_images, load_images
+from .errors import RetrofitError
+from .faults import continue_run, explain_stops, fault_callbacks
+from .hub import check_repo
 from .module import RetrofitModule
-
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-console = Console()
-
-# ---- errors -------------------------------------------------------------------------------------------
-
-_REWRITES = (
-    (r"Group '([^']+)' does not accept option '([^']+)'", r"\1.\2: unknown key"),
-    (r"unrecognized arguments: (\S+).*", r"\1: unknown option"),
-    (r'Parser key "([^"]+)":', r"\1:"),
-    (r'Key "([^"]+)" is required but not included in config object or its value is None\.?', r"\1: required"),
-    (r"Expected a typing\.Literal\[(.*?)\]\.", r"expected one of \1,"),
-    (r"Expected a <class '([\w.]+)'>\.", r"expected \1,"),
-    (r"Got value: ", "got "),
+from .recipes import (
+    fold_comments,
+    markdown_table,
+    recipe_path,
+    recipe_paths,
+    recipe_summary,
+    recipes_dir,
+    resolve_config,
+    summary_table,
 )
 
-
-def config_error(message: str, prog: str) -> RetrofitError:
-    """jsonargparse's multi-line message as one line that starts with the offending field."""
-    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
-    for pattern, replacement in _REWRITES:
-        text = re.sub(pattern, replacement, text)
-    text = text if len(text) <= 240 else text[:237] + "..."
-    return RetrofitError(f"invalid configuration: {text} (run `{prog} --help` for the options).")
+# ---- parsing ------------------------------------------------------------------------------------------
 
 
-def _parse(parser: ArgumentParser, args: Sequence[str]) -> Namespace:
-    try:
-        return parser.parse_args(list(args))
-    except ArgumentError as e:
-        raise config_error(str(e), parser.prog) from None
+class Strict:
+    """Parser mixin: options are never abbreviated, and every error is one RetrofitError line naming the field
+    (an unknown option gets the nearest real one)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        parser = getattr(ex, "subcommand_parser", None) or self
+        text = " ".join(message.split())
+        words = text.split()
+        if text.startswith("unrecognized arguments:") and len(words) > 2:
+            close = difflib.get_close_matches(words[2].split("=")[0], parser._option_string_actions, n=1)
+            text += f"; did you mean {close[0]}?" if close else ""
+        prog = parser.prog.replace(" [options]", "")
+        raise RetrofitError(f"invalid configuration: {text} (`{prog} --help` lists the options).")
+
+
+class CommandParser(Strict, ArgumentParser):
+    pass
+
+
+class FitParser(Strict, LightningArgumentParser):
+    pass
+
+
+class RecipeOrFile(ActionConfigFile):
+    """``--config`` takes a YAML/JSON file or the name of a shipped recipe (``retrofit recipes``)."""
+
+    def __call__(self, parser: ArgumentParser, cfg: Namespace, values: str, option_string: str | None = None):
+        super().__call__(parser, cfg, resolve_config(values), option_string)
 
 
 # ---- fit ----------------------------------------------------------------------------------------------
 
 
 class RetrofitCLI(LightningCLI):
-    """``retrofit fit``: LightningCLI with the retrofit classes, a rich progress bar and a final export.
+    """``retrofit fit``: LightningCLI with the retrofit classes, step progress, a default logger, metrics.csv and a
+    final export (optionally pushed to the Hub).
 
     With ``instantiate=False`` it only parses and validates (recipes are checked this way, no model built).
     """
@@ -87,32 +97,65 @@ class RetrofitCLI(LightningCLI):
         super().__init__(
             RetrofitModule,
             RetrofitDataModule,
-            trainer_defaults={"callbacks": [RichProgressBar()]},
+            trainer_defaults={"max_steps": 1000, "callbacks": [StepProgressBar()]},  # as retrofit() defaults
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
                 "prog": "retrofit fit",
-                "exit_on_error": False,
                 "description": "Retrofit register tokens into a timm ViT by self-distillation from its frozen "
-                "original. Start from a recipe: retrofit fit --config recipes/NAME.yaml --data.source DIR.",
+                "original. Start from a recipe: retrofit fit --config NAME --data.source DIR.",
             },
             args=list(args),
             run=False,
             auto_configure_optimizers=False,  # RetrofitModule sets its own per-group AdamW and schedule
         )
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("dump_header", [f"retrofit=={__version__}", f"lightning.pytorch=={L.__version__}"])
+        parser = FitParser(**kwargs)
+        parser.add_argument("-c", "--config", action=RecipeOrFile,
+                            help="A recipe name (see `retrofit recipes`) or a YAML/JSON config file.")
+        return parser
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="Resume training from this Lightning checkpoint (written by an earlier fit).")
         parser.add_argument("--export_dir", type=str | None, default=None,
                             help="Where the timm-native model is written at the end (default: <log_dir>/model).")
+        parser.add_argument("--push_to_hub", type=str | None, default=None,
+                            help="Also upload the final model to this Hugging Face Hub repo (USER/NAME).")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Sequence[str]) -> None:
-        self.config = _parse(parser, args)
+        self.config = parser.parse_args(args)  # `args` is the command line here: no "both given" warning
 
     def instantiate_classes(self) -> None:
         if self._instantiate:
+            if self.config.push_to_hub is not None:
+                check_repo(self.config.push_to_hub)  # a bad repo id or no token: before any model is built
             super().instantiate_classes()
+            add_metrics_csv(self.trainer)
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """Unless a logger is configured: TensorBoard when it is installed, else CSV (no warning either way)."""
+        trainer = self._get(self.config_init, "trainer", default={})
+        if trainer.get("logger") in (None, True):
+            root = trainer.get("default_root_dir") or Path.cwd()
+            kwargs["logger"] = TensorBoardLogger(root) if _tensorboard_available() else CSVLogger(root)
+        return super().instantiate_trainer(**kwargs)
+
+
+def _tensorboard_available() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+def add_metrics_csv(trainer: L.Trainer) -> None:
+    """Log to ``metrics.csv`` in the run folder as well, whatever other logger the run has (none: nothing)."""
+    loggers = trainer.loggers
+    if loggers and not any(isinstance(logger, CSVLogger) for logger in loggers):
+        first = loggers[0]
+        trainer.loggers = [*loggers, CSVLogger(first.save_dir, name=first.name, version=first.version)]
+        # It shares the first logger's version folder on purpose, so its "folder is not empty" warning says nothing.
+        warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
 def fit_config(args: Sequence[str]) -> Namespace:
@@ -125,385 +168,112 @@ def fit_config(args: Sequence[str]) -> Namespace:
         seed_log.disabled = False
 
 
-def fit(args: Sequence[str], prog: str = "retrofit fit") -> Path:
-    """Train as configured, then export; returns the export directory (also printed).
+def fit(args: Sequence[str]) -> Path:
+    """Retrofit registers into a model by self-distillation (LightningCLI: --config NAME, dotted overrides).
 
-    ``prog`` is part of the subcommand calling convention; the parser names itself ``retrofit fit``.
+    Trains as configured, then exports; returns the export directory (also printed).
     """
     cli = RetrofitCLI(args)
     trainer = cli.trainer
-    out = Path(cli.config.export_dir or Path(trainer.log_dir or trainer.default_root_dir) / "model")
-    trainer.callbacks.append(RegisterExport(out))
-    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
-    console.print(f"retrofitted model: [bold]{out}[/] (config and checkpoints in {trainer.log_dir})")
+    continue_run(trainer, cli.config.ckpt_path)
+    log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    out = Path(cli.config.export_dir or log_dir / "model")
+    export = RegisterExport(out, push_to_hub=cli.config.push_to_hub)
+    resume = f"retrofit fit --config {shlex.quote(str(log_dir / 'config.yaml'))} --ckpt_path {{ckpt}}"
+    trainer.callbacks = [*fault_callbacks(resume), *trainer.callbacks, export]
+    with explain_stops(trainer):
+        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    console.print(f"retrofitted model: [bold]{out}[/] (config and checkpoints in {trainer.log_dir})", soft_wrap=True)
+    if export.pushed_url:
+        console.print(f"pushed: {export.pushed_url}", soft_wrap=True)
     return out
-
-
-# ---- models and images --------------------------------------------------------------------------------
-
-
-def _label(spec: str) -> str:
-    return Path(spec).name or spec
-
-
-def diagnose_command(
-    model: str,
-    images: str,
-    out: str = "diagnose_out",
-    compare: str | None = None,
-    checkpoint: str | None = None,
-    compare_checkpoint: str | None = None,
-    img_size: int | None = None,
-    max_images: int = 8,
-    k: float = 3.0,
-    threshold: float | None = None,
-    layers: list[int] | None = None,
-    batch_size: int = 8,
-) -> dict[str, Any]:
-    """Measure a model's artifacts: per-layer norm table, diagnose.json and one PNG of maps per image.
-
-    Args:
-        model: timm name, export directory, or timm name with --checkpoint (see retrofit.load_backbone).
-        images: folder of images (searched recursively).
-        out: folder for diagnose.json and the PNGs.
-        compare: a second model shown beside the first (e.g. the original vs the retrofitted one).
-        checkpoint: local weights file for a timm name in MODEL.
-        compare_checkpoint: local weights file for a timm name in --compare.
-        img_size: square input size (default: the model's own).
-        max_images: use the first N images of the folder.
-        k: outlier factor: norm above k x (or below 1/k x) the image median.
-        threshold: absolute norm threshold for high-norm outliers instead of k (e.g. 150 as in Darcet et al.).
-        layers: block indices to measure (default: all).
-        batch_size: images per forward.
-    """
-    first = load_backbone(model, checkpoint)
-    second = None if compare is None else load_backbone(compare, compare_checkpoint)
-    paths = list_images(images)[:max_images]
-    size = square_size(first, img_size)
-    batch = load_images(paths, size, first)
-    labels = (_label(model), _label(compare or ""))
-    labels = labels if compare is None or labels[0] != labels[1] else ("model", "compare")
-    names = [p.relative_to(images).as_posix() for p in paths]
-    report = diagnose(first, batch, out, second, k=k, layers=layers, names=names, labels=labels,
-                      threshold=threshold, batch_size=batch_size, progress=True)
-    console.print(render_table(report))
-    console.print(f"wrote {Path(out) / REPORT_NAME} and {len(report['figures'])} figures to {out}")
-    return report
-
-
-def _result_table(title: str, values: dict[str, Any]) -> Table:
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in values.items():
-        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
-    return table
-
-
-def _report(title: str, result: dict[str, Any], out: str | None, shown: Sequence[str]) -> dict[str, Any]:
-    console.print(_result_table(title, {k: result[k] for k in shown}))
-    if out is not None:
-        console.print(f"wrote {write_json(result, out)}")
-    return result
-
-
-def eval_lost_command(
-    model: str,
-    dataset: str,
-    checkpoint: str | None = None,
-    boxes: str | None = None,
-    box_format: Literal["xyxy", "xywh"] = "xyxy",
-    split: str | None = None,
-    img_size: int | None = None,
-    k: int = 100,
-    batch_size: int = 16,
-    out: str | None = None,
-) -> dict[str, Any]:
-    """LOST object discovery: CorLoc of the box found from the last block's keys (Simeoni et al.).
-
-    Args:
-        model: timm name, export directory, or timm name with --checkpoint (see retrofit.load_backbone).
-        dataset: image folder with boxes.json, or a Hugging Face dataset (saved folder or hub name).
-        checkpoint: local weights file for a timm name in MODEL.
-        boxes: JSON {"relative/path.jpg": [[x0, y0, x1, y1], ...]} for an image folder.
-        box_format: xyxy (VOC corners) or xywh (COCO).
-        split: dataset split for Hugging Face data.
-        img_size: square evaluation size (default: the model's own).
-        k: LOST's number of seed-expansion patches.
-        batch_size: images per forward.
-        out: write the full result (per-image boxes) to this JSON file.
-    """
-    backbone = load_backbone(model, checkpoint)
-    data = box_dataset(dataset, boxes, box_format, split)
-    result = evaluate_lost(backbone, data, img_size=img_size, k=k, batch_size=batch_size, progress=True)
-    return _report(f"LOST on {dataset}", result, out, ("corloc", "n", "skipped"))
-
-
-def eval_probe_command(
-    model: str,
-    train: str,
-    val: str,
-    num_classes: int,
-    checkpoint: str | None = None,
-    epochs: int = 10,
-    lr: float = 1e-3,
-    img_size: int | None = None,
-    batch_size: int = 16,
-    seed: int = 0,
-    out: str | None = None,
-) -> dict[str, Any]:
-    """Linear-probe segmentation: a linear head on frozen patch features, mIoU on the validation set.
-
-    Args:
-        model: timm name, export directory, or timm name with --checkpoint (see retrofit.load_backbone).
-        train: training masks: a folder with images/ and masks/, or a Hugging Face dataset.
-        val: validation masks, same forms as train.
-        num_classes: number of classes (mask value 255 is ignored).
-        checkpoint: local weights file for a timm name in MODEL.
-        epochs: passes of the linear head over the training features.
-        lr: learning rate of the linear head.
-        img_size: square evaluation size (default: the model's own).
-        batch_size: images per forward.
-        seed: seeds the head's init and order.
-        out: write the full result (per-class IoU) to this JSON file.
-    """
-    backbone = load_backbone(model, checkpoint)
-    result = evaluate_probe(backbone, mask_dataset(train), mask_dataset(val), num_classes, epochs=epochs, lr=lr,
-                            img_size=img_size, batch_size=batch_size, seed=seed, progress=True)
-    return _report(f"Linear probe on {val}", result, out, ("miou", "accuracy", "train_loss", "n_train", "n_val"))
-
-
-# ---- export -------------------------------------------------------------------------------------------
-
-
-def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint written by ``fit`` (weights-only load: no code in it runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RetrofitError(f"checkpoint {path} does not exist: pass a .ckpt written by retrofit fit "
-                            "(<log_dir>/checkpoints).")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RetrofitError(f"{path} is not a readable Lightning checkpoint ({type(e).__name__}): "
-                            "pass a .ckpt written by retrofit fit.") from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise RetrofitError(f"{path} has no state_dict and hyper_parameters: pass a .ckpt written by retrofit fit.")
-    return ckpt
-
-
-def module_from_checkpoint(path: str | Path, backbone: str | None = None) -> tuple[RetrofitModule, dict[str, Any]]:
-    """The trained RetrofitModule of a ``fit`` checkpoint, rebuilt offline, and the checkpoint itself.
-
-    The teacher is only an architecture here (no download): the checkpoint holds every student weight.
-    ``backbone`` names the architecture when the run was started from an in-memory model (Python API).
-    """
-    ckpt = read_training_checkpoint(path)
-    hp = dict(ckpt["hyper_parameters"])
-    spec = backbone or hp.get("backbone")
-    if not isinstance(spec, str):
-        raise RetrofitError(f"{path} does not name its backbone (trained from a Python model): pass --backbone NAME.")
-    architecture = load_backbone(spec, pretrained=False, **(hp.get("model_kwargs") or {}))
-    try:
-        module = RetrofitModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, backbone=architecture)
-    except RuntimeError as e:  # load_state_dict's size mismatch / missing keys
-        raise RetrofitError(
-            f"{path} does not fit a {spec} student with these settings ({first_line(e, 120)}): "
-            "pass the --backbone it was trained from."
-        ) from e
-    module.hparams["backbone"] = spec  # the export records where it came from
-    return module, ckpt
-
-
-def export_command(checkpoint: str, out: str, backbone: str | None = None, overwrite: bool = False) -> Path:
-    """Turn a training checkpoint (.ckpt from fit) into a timm-native model directory (LoRA merged).
-
-    Args:
-        checkpoint: Lightning .ckpt written by retrofit fit.
-        out: directory to write (model.safetensors + config.json); timm.create_model('local-dir:OUT') reads it.
-        backbone: timm name of the original model, when the run started from a Python model object.
-        overwrite: replace an existing non-empty OUT.
-    """
-    module, ckpt = module_from_checkpoint(checkpoint, backbone)
-    step = int(ckpt.get("global_step", 0))
-    path = module.export(out, overwrite=overwrite, step=step)
-    console.print(f"exported {path} ({module.hparams.num_registers} registers, step {step})")
-    return path
-
-
-# ---- demo ---------------------------------------------------------------------------------------------
-
-
-def demo_command(out: str = "demo_out", steps: int = 100, num_images: int = 48, overwrite: bool = True) -> dict:
-    """Offline demo: retrofit a small ViT with planted (synthetic) artifacts; before/after maps and numbers.
-
-    Args:
-        out: folder for maps/ (before/after PNGs), metrics.json and model/ (the timm-native export).
-        steps: training steps (fewer: faster, less clean).
-        num_images: synthetic training images to make.
-        overwrite: replace the results of an earlier demo in OUT.
-    """
-    return run_demo(out, steps=steps, num_images=num_images, overwrite=overwrite, console=console)
 
 
 # ---- recipes ------------------------------------------------------------------------------------------
 
 
-def recipe_paths(folder: str | Path = RECIPES_DIR) -> list[Path]:
-    paths = sorted(Path(folder).glob("*.yaml"))
-    if not paths:
-        raise RetrofitError(f"no recipes (*.yaml) in {folder}: pass --dir pointing at the recipes folder.")
-    return paths
+def _summary(path: Path) -> dict[str, str]:
+    return recipe_summary(path, fit_config(["--config", str(path), "--data.source", "."]))  # validated by fit's parser
 
 
-def _find_recipe(name: str, folder: str | Path) -> Path:
-    paths = {p.stem: p for p in recipe_paths(folder)}
-    if name not in paths:
-        raise RetrofitError(f"no recipe {name!r} in {folder}: choose one of {', '.join(paths)}.")
-    return paths[name]
-
-
-def trainable_parameters(config: Namespace) -> tuple[int, int]:
-    """(trainable, total) student parameters of a fit config, built on the meta device (no memory, no weights).
-
-    The student is built by RetrofitModule itself, so the count is what the freeze preset really trains.
-    The classifier head is left out of the total: it never reaches the patch features.
-    """
-    model = config.model
-    settings = {k: v for k, v in model.as_dict().items() if k not in ("backbone", "checkpoint", "model_kwargs")}
-    with torch.device("meta"):
-        arch = load_backbone(model.backbone, pretrained=False, **{"num_classes": 0, **(model.model_kwargs or {})})
-        student = RetrofitModule(arch, **settings).student
-    params = list(student.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def _short(x: float) -> str:
-    return f"{x:.0e}".replace("e-0", "e-")
-
-
-def _recipe_row(path: Path, params: bool) -> dict[str, str]:
-    config = fit_config(["--config", str(path), "--data.source", "."])
-    row = {
-        "recipe": path.stem,
-        "backbone": config.model.backbone,
-        "registers": str(config.model.num_registers),
-        "px": str(config.data.img_size),
-        "lr": f"{_short(config.model.lr)} -> {_short(config.model.min_lr)}",
-        "batch": str(config.data.batch_size),
-        "steps": str(config.trainer.max_steps),
-    }
-    if params:
-        trainable, total = trainable_parameters(config)
-        row["trainable params"] = f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M"
-    return row
-
-
-def recipes_command(name: str | None = None, params: bool = False, markdown: bool = False,
-                    dir: str = str(RECIPES_DIR)) -> list[dict[str, str]]:
-    """List the training recipes as a table (validated against fit's parser), or show one recipe.
+def recipes_command(markdown: bool = False) -> list[dict[str, str]]:
+    """List the shipped training recipes: backbone, settings and trainable parameters of each.
 
     Args:
-        name: show this recipe's YAML instead of the table.
-        params: count each recipe's trainable parameters (builds each architecture on the meta device).
-        markdown: print the table as Markdown (for recipes/README.md).
-        dir: folder holding the recipe YAML files.
+        markdown: print a Markdown table instead (the one in recipes/README.md).
     """
-    if name is not None:
-        path = _find_recipe(name, dir)
-        fit_config(["--config", str(path), "--data.source", "."])  # validate what is shown
-        console.print(Syntax(path.read_text(), "yaml"))
-        return [_recipe_row(path, params)]
-    rows = [_recipe_row(p, params) for p in recipe_paths(dir)]
+    rows = [_summary(p) for p in recipe_paths()]
     if markdown:
-        columns = list(rows[0])
-        print("| " + " | ".join(columns) + " |")
-        print("|" + " --- |" * len(columns))
-        for row in rows:
-            print("| " + " | ".join(f"`{v}`" if k in ("recipe", "backbone") else v for k, v in row.items()) + " |")
+        print(markdown_table(rows))
         return rows
-    table = Table(title=f"Recipes in {dir} (use: retrofit fit --config {dir}/NAME.yaml --data.source DIR)")
-    for column in rows[0]:
-        text = column in ("recipe", "backbone")
-        table.add_column(column, justify="left" if text else "right", no_wrap=column == "recipe", overflow="fold")
-    for row in rows:
-        table.add_row(*row.values())
-    console.print(table)
+    console.print(f"{len(rows)} recipes in {recipes_dir()}", soft_wrap=True)
+    console.print("Train with one: retrofit fit --config NAME --data.source DIR\n"
+                  "Show one:       retrofit recipe NAME\n")
+    console.print(summary_table(rows))
     return rows
 
 
-# ---- dispatch -----------------------------------------------------------------------------------------
+def recipe_command(name: str) -> dict[str, str]:
+    """Show one training recipe: its YAML (every key commented) and what it trains.
+
+    Args:
+        name: the recipe's name, as `retrofit recipes` lists it.
+    """
+    path = recipe_path(name)
+    row = _summary(path)
+    console.print(f"# {path}", style="dim", soft_wrap=True)
+    console.print(fold_comments(path.read_text(), console.width), markup=False, highlight=False, soft_wrap=True)
+    console.print(summary_table([row]))
+    return row
 
 
-def _doc_summary(fn: Callable[..., Any]) -> str:
-    return inspect.getdoc(fn).split("\n\n")[0].replace("\n", " ")
-
-
-def _function_parser(fn: Callable[..., Any], prog: str) -> ArgumentParser:
-    """Options from ``fn``'s typed signature and docstring; a first parameter without a default value
-    (or defaulting to None) is the positional argument (MODEL, CHECKPOINT, recipe NAME)."""
-    parser = ArgumentParser(prog=prog, description=_doc_summary(fn), exit_on_error=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file with any of the options below.")
-    first = next(iter(inspect.signature(fn).parameters.values()))
-    if first.default not in (inspect.Parameter.empty, None):
-        parser.add_function_arguments(fn)
-        return parser
-    helps = {p.arg_name: p.description for p in docstring_parser.parse(inspect.getdoc(fn)).params}
-    parser.add_argument(first.name, type=get_type_hints(fn)[first.name], help=helps.get(first.name),
-                        nargs=None if first.default is inspect.Parameter.empty else "?")
-    parser.add_function_arguments(fn, skip={first.name})
-    return parser
-
-
-def _run_function(fn: Callable[..., Any], args: Sequence[str], prog: str) -> Any:
-    config = _parse(_function_parser(fn, prog), args)
-    return fn(**{k: v for k, v in config.as_dict().items() if k != "config"})
-
-
-Runner = Callable[[Sequence[str], str], Any]
-EVAL_COMMANDS: dict[str, tuple[str, Runner]] = {
-    "lost": (_doc_summary(eval_lost_command), partial(_run_function, eval_lost_command)),
-    "probe": (_doc_summary(eval_probe_command), partial(_run_function, eval_probe_command)),
+COMMANDS: dict[str, Any] = {
+    "fit": fit,  # listed in `retrofit --help`; main() hands fit's arguments to RetrofitCLI
+    "diagnose": commands.diagnose_command,
+    "eval": {"_help": "Downstream evaluation of dense features: eval lost | eval probe.",
+             "lost": commands.eval_lost_command, "probe": commands.eval_probe_command},
+    "export": commands.export_command,
+    "demo": commands.demo_command,
+    "recipes": recipes_command,
+    "recipe": recipe_command,
 }
 
 
-def _dispatch(commands: dict[str, tuple[str, Runner]], args: Sequence[str], prog: str) -> Any:
-    """Run the subcommand named by ``args[0]``; without one, print what there is."""
-    if not args or args[0] in ("-h", "--help"):
-        table = Table(title=f"{prog} <command> --help documents every option", show_header=False, box=None)
-        for name, (summary, _) in commands.items():
-            table.add_row(f"[bold]{prog} {name}[/]", summary)
-        console.print(table)
-        return None
-    name, rest = args[0], args[1:]
-    if name not in commands:
-        raise RetrofitError(f"unknown command {name!r}: choose one of {', '.join(commands)} (`{prog} --help`).")
-    return commands[name][1](rest, f"{prog} {name}")
+TIMM_MESSAGES = ("Loading pretrained weights from Hugging Face hub", "Loading pretrained weights from url",
+                 "Downloading", "Resized position embedding")
 
 
-COMMANDS: dict[str, tuple[str, Runner]] = {
-    "fit": ("Retrofit registers into a model by self-distillation (LightningCLI; --config recipes/NAME.yaml).",
-            fit),
-    "diagnose": (_doc_summary(diagnose_command), partial(_run_function, diagnose_command)),
-    "eval": ("Downstream evaluation of dense features: eval lost | eval probe.", partial(_dispatch, EVAL_COMMANDS)),
-    "export": (_doc_summary(export_command), partial(_run_function, export_command)),
-    "demo": (_doc_summary(demo_command), partial(_run_function, demo_command)),
-    "recipes": (_doc_summary(recipes_command), partial(_run_function, recipes_command)),
-}
+def _show_timm_messages() -> None:
+    """timm's INFO lines a person waiting wants: which weights download from where, a resized position embedding."""
+    timm_log = logging.getLogger("timm")
+    if not any(isinstance(h, RichHandler) for h in timm_log.handlers):
+        handler = RichHandler(console=console, show_time=False, show_level=False, show_path=False)
+        handler.setFormatter(logging.Formatter("timm: %(message)s"))
+        handler.addFilter(lambda record: record.getMessage().startswith(TIMM_MESSAGES))
+        timm_log.addHandler(handler)
+    timm_log.setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: errors print as one line (no traceback) and exit with status 1."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["--version"]:
-        print(f"retrofit {__version__}")
-        return 0
+    """Entry point: errors print as one line (no traceback) and exit with status 1 (128 + the signal's number for
+    a run stopped by SIGTERM or Ctrl-C)."""
+    args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
+    _show_timm_messages()
+    # Field docstrings (TargetSettings) reach --help; a backbone is a name or a path, never an nn.Module class path.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True, subclasses_disabled=[nn.Module])
     try:
-        _dispatch(COMMANDS, args, "retrofit")
+        if args[0] == "fit":
+            fit(args[1:])
+        else:
+            auto_cli(COMMANDS, args=args, parser_class=CommandParser, prog="retrofit", version=__version__,
+                     description="Give a pretrained timm ViT register tokens after the fact.")
     except RetrofitError as e:
         print(f"retrofit: error: {e}", file=sys.stderr)
-        return 1
-    except SystemExit as e:  # --help and --print_config exit through argparse
+        return getattr(e, "exit_code", 1)  # 128 + signal for a run stopped by SIGTERM / Ctrl-C
+    except KeyboardInterrupt:
+        print("retrofit: error: interrupted by Ctrl-C.", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # --help, --version and --print_config exit through argparse
         return e.code if isinstance(e.code, int) else 0
     return 0
 

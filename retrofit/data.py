@@ -2,16 +2,22 @@
 
 Every batch is ``{"image": (B, 3, S + 2mp, S + 2mp) normalised, "key": [B stable names]}``: the student
 sees the centre S x S window, the teacher draws its shifted views from the margin of m patches around
-it (CONTRIBUTING.md). Unreadable images never stop a run: they are replaced by other images of the
-data set (map-style) or dropped from the stream, counted in the main process and reported at the end.
+it (CONTRIBUTING.md). Unusable images (unreadable, empty, smaller than a patch) never stop a run: they
+are replaced by other images of the data set (map-style) or dropped from the stream, counted by kind in
+the main process and reported at the end. The loader is resumable mid-epoch: Lightning saves its
+position in every checkpoint and a resumed run continues with the very next batch.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
+import itertools
 import logging
 import math
+import os
+import signal
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,26 +26,42 @@ from typing import Any
 import datasets
 import lightning as L
 import torch
-from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    get_worker_info,
+)
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .errors import RetrofitError
+from .errors import RetrofitError, check_settings
 from .features import patch_size as model_patch_size
-from .images import data_config, interpolation_mode, list_images, open_rgb
+from .hf import IMAGEFOLDER_PREFIX, is_saved_dataset, open_split
+from .images import (
+    ImageLog,
+    UnreadableImage,
+    data_config,
+    decode_cell,
+    decode_rgb,
+    interpolation_mode,
+    list_images,
+    undecoded,
+)
 
 log = logging.getLogger(__name__)
 
-IMAGEFOLDER_PREFIX = "imagefolder:"
 HUB_PREFIX = "hf:"
 _TENSOR_SOURCE = "<tensor>"  # set by RetrofitDataModule.from_tensor only
-MAX_REPLACEMENTS = 16  # unreadable images in a row before a map-style item gives up
+MAX_REPLACEMENTS = 16  # unusable images in a row before a map-style item gives up
 STREAM_SHUFFLE_BUFFER = 1000
-SHOWN_PATHS = 5  # unreadable images named in the final report
 
 Item = dict[str, Any]
+Decoded = tuple[torch.Tensor, str | None]  # uint8 (or normalised float) pixels, and what was converted
 
 
 def _item_seed(*parts: object) -> int:
@@ -53,7 +75,8 @@ class CropTransform:
     """Resize the short side to ``resize``, crop an (S + 2 margin)-pixel square, normalise.
 
     ``uint8`` images are pixels and get normalised; float images are taken as already normalised.
-    The crop position is drawn from the generator it is given, so it is reproducible per item.
+    The crop position is drawn from the generator it is given, so it is reproducible per item. An
+    image whose short side is below ``min_side`` (one patch) holds no patch of its own and is refused.
     """
 
     size: int
@@ -63,12 +86,17 @@ class CropTransform:
     interpolation: v2.InterpolationMode
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    min_side: int = 1
 
     @property
     def crop(self) -> int:
         return self.size + 2 * self.margin
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        if min(h, w) < self.min_side:
+            raise UnreadableImage(f"image of {w}x{h} px is smaller than one {self.min_side} px patch.",
+                                  "smaller than a patch")
         image = TF.resize(image, [self.resize], interpolation=self.interpolation, antialias=True)
         c = self.crop
         if self.random:
@@ -85,28 +113,22 @@ class _PathReader:
     def __init__(self, paths: Sequence[Path]) -> None:
         self.paths = paths
 
-    def __call__(self, index: int) -> torch.Tensor:
-        return TF.pil_to_tensor(open_rgb(self.paths[index]))
+    def __call__(self, index: int) -> Decoded:
+        image, note = decode_rgb(self.paths[index])
+        return TF.pil_to_tensor(image), note
 
 
-def _decode(value: Any) -> torch.Tensor:
-    """A HF image cell as uint8 pixels: undecoded {bytes, path}, a file path, or a PIL image."""
-    if isinstance(value, dict) and value.get("bytes"):
-        return TF.pil_to_tensor(open_rgb(io.BytesIO(value["bytes"])))
-    if isinstance(value, dict) and value.get("path"):
-        value = value["path"]
-    if isinstance(value, (str, Path)):
-        return TF.pil_to_tensor(open_rgb(value))
-    if isinstance(value, Image.Image):
-        return TF.pil_to_tensor(value.convert("RGB"))
-    raise RetrofitError(f"image cell of type {type(value).__name__} is neither an image nor a path.")
+def _decode(value: Any) -> Decoded:
+    """A HF image cell as uint8 pixels."""
+    image, note = decode_cell(value)
+    return TF.pil_to_tensor(image), note
 
 
 class _HFReader:
     def __init__(self, dataset: datasets.Dataset, column: str) -> None:
         self.dataset, self.column = dataset, column
 
-    def __call__(self, index: int) -> torch.Tensor:
+    def __call__(self, index: int) -> Decoded:
         return _decode(self.dataset[index][self.column])
 
 
@@ -114,16 +136,16 @@ class _TensorReader:
     def __init__(self, images: torch.Tensor) -> None:
         self.images = images
 
-    def __call__(self, index: int) -> torch.Tensor:
-        return self.images[index]
+    def __call__(self, index: int) -> Decoded:
+        return self.images[index], None
 
 
-def _reason(error: RetrofitError) -> str:
-    return type(error.__cause__).__name__ if error.__cause__ is not None else str(error)
+def _item(key: str, image: torch.Tensor | None, note: str | None, skipped: list[tuple[str, str]]) -> Item:
+    return {"image": image, "key": key, "skipped": skipped, "converted": [(key, note)] if note else []}
 
 
 class ImageDataset(Dataset):
-    """Map-style images with stable keys; an unreadable image is swapped for a seeded random other one."""
+    """Map-style images with stable keys; an unusable image is swapped for a seeded random other one."""
 
     def __init__(self, keys: Sequence[str], reader: Callable[[int], torch.Tensor], transform: CropTransform,
                  seed: int) -> None:
@@ -141,12 +163,13 @@ class ImageDataset(Dataset):
         skipped = []
         for _ in range(MAX_REPLACEMENTS):
             try:
-                image = self.reader(index)
-            except RetrofitError as e:
-                skipped.append((self.keys[index], _reason(e)))
+                image, note = self.reader(index)
+                image = self.transform(image, generator)
+            except UnreadableImage as e:
+                skipped.append((self.keys[index], e.kind))
                 index = int(torch.randint(len(self), (1,), generator=generator))
                 continue
-            return {"image": self.transform(image, generator), "key": self.keys[index], "skipped": skipped}
+            return _item(self.keys[index], image, note, skipped)
         raise RetrofitError(
             f"{MAX_REPLACEMENTS} images in a row could not be read (e.g. {skipped[0][0]}): "
             "most of the data set is unreadable, check the source."
@@ -154,7 +177,7 @@ class ImageDataset(Dataset):
 
 
 class StreamDataset(IterableDataset):
-    """A streamed HF dataset: unreadable images are dropped from the stream and passed on as skipped."""
+    """A streamed HF dataset: unusable images are dropped from the stream and passed on as skipped."""
 
     def __init__(self, dataset: datasets.IterableDataset, column: str, key_column: str | None, prefix: str,
                  transform: CropTransform, seed: int, rank: int = 0, world_size: int = 1) -> None:
@@ -174,16 +197,17 @@ class StreamDataset(IterableDataset):
         for n, row in enumerate(self.dataset):  # HF splits shards over the loader's workers itself
             index = n * stride + offset  # unique over ranks and workers
             key = self._key(row, index)
-            try:
-                image = _decode(row[self.column])
-            except RetrofitError as e:
-                skipped.append((key, _reason(e)))
-                continue
             generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
-            yield {"image": self.transform(image, generator), "key": key, "skipped": skipped}
+            try:
+                image, note = _decode(row[self.column])
+                image = self.transform(image, generator)
+            except UnreadableImage as e:
+                skipped.append((key, e.kind))
+                continue
+            yield _item(key, image, note, skipped)
             skipped = []
-        if skipped:  # a marker, so the trailing unreadable images are still counted
-            yield {"image": None, "key": None, "skipped": skipped}
+        if skipped:  # a marker, so the trailing unusable images are still counted
+            yield _item("", None, None, skipped)
 
     def _key(self, row: dict[str, Any], index: int) -> str:
         """The id column, else the image's file name if the stream carries one, else its stream position."""
@@ -195,55 +219,99 @@ class StreamDataset(IterableDataset):
 
 
 def collate(items: list[Item]) -> Item:
-    """Stack the readable items; the skipped (key, reason) pairs ride along for the main process."""
+    """Stack the usable items; the skipped and converted (key, kind) pairs ride along for the main process."""
     good = [it for it in items if it["image"] is not None]
     return {
         "image": torch.stack([it["image"] for it in good]) if good else None,
         "key": [it["key"] for it in good],
         "skipped": [pair for it in items for pair in it["skipped"]],
+        "converted": [pair for it in items for pair in it["converted"]],
     }
 
 
-class SkipLog:
-    """Unreadable images seen by the main process, by key (an image bad in every epoch counts once)."""
+def worker_signals(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C, and a SIGTERM sent to their process group, to the main process.
 
-    def __init__(self) -> None:
-        self.reasons: dict[str, str] = {}
+    A terminal's Ctrl-C and ``timeout`` or a batch scheduler signal the whole process group; a worker
+    that died of it would turn the main process's clean stop into a "DataLoader worker exited
+    unexpectedly" traceback. A SIGTERM from the main process itself (how DataLoader and multiprocessing
+    end workers) still ends the worker. Where ``sigwaitinfo`` is missing (macOS) SIGTERM keeps its default.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
 
-    def __len__(self) -> int:
-        return len(self.reasons)
 
-    def summary(self) -> str:
-        shown = ", ".join(list(self.reasons)[:SHOWN_PATHS]) + (", ..." if len(self) > SHOWN_PATHS else "")
-        return f"skipped {len(self)} unreadable image(s): {shown}. Remove or replace them."
+def _end_on_sigterm_from(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    os.kill(os.getpid(), signal.SIGTERM)  # the default action, in the one thread that lets it through
+
+
+class ResumableBatchSampler(BatchSampler):
+    """A BatchSampler whose next pass can start ``skip`` batches in without reading the skipped images."""
+
+    def __init__(self, sampler: Any, batch_size: int, drop_last: bool = False) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # A generator: DataLoader iterators call iter() twice and use the second, so read skip lazily.
+        skip, self.skip = self.skip, 0
+        yield from itertools.islice(super().__iter__(), skip, None)
 
 
 class SkippingLoader(DataLoader):
-    """A DataLoader that moves the skipped keys of each batch into ``skips`` in the main process.
+    """A DataLoader that moves the skipped keys of each batch into ``log`` in the main process, and resumes.
 
-    Batches arrive with exactly the keys of the batch contract; one that has no readable image left
+    Batches arrive with exactly the keys of the batch contract; one that has no usable image left
     (only possible at the end of a stream) is not yielded. Each pass takes its epoch from ``epoch``
     (the trainer's epoch when there is one, else a pass count) and derives the crops and the shuffle
-    order from it alone, so epochs differ, the same seed repeats, and a run resumed from an end-of-epoch
-    checkpoint sees exactly the batches the uninterrupted run saw.
+    order from it alone, so epochs differ and the same seed repeats. ``state_dict`` records the epoch
+    and ``position()`` (the batches of it the training loop has stepped through); Lightning saves it
+    in checkpoints and hands it back on resume, so the resumed pass starts at the next batch - by
+    index alone for map-style data, by reading past the done batches for streams. Each pass is added
+    to ``open_passes``, so that a stopped run can end it and its workers at once.
     """
 
-    def __init__(self, dataset: Dataset, skips: SkipLog, epoch: Callable[[], int | None], seed: int,
-                 **kwargs: Any) -> None:
+    def __init__(self, dataset: Dataset, log: ImageLog, epoch: Callable[[], int | None],
+                 position: Callable[[], int], seed: int, open_passes: weakref.WeakSet, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
-        self.skips, self.epoch, self.seed = skips, epoch, seed
+        self.log, self.epoch, self.position, self.seed = log, epoch, position, seed
+        self.open_passes = open_passes
         self.passes = 0
+        self.resume: dict[str, int] | None = None
+
+    def _epoch(self) -> int:
+        epoch = self.epoch()
+        return max(self.passes - 1, 0) if epoch is None else epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch(), "batches": self.position()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume = dict(state)
 
     def __iter__(self) -> Iterator[Item]:
-        epoch = self.epoch()
-        epoch = self.passes if epoch is None else epoch
+        batches = self._pass()
+        self.open_passes.add(batches)
+        return batches
+
+    def _pass(self) -> Iterator[Item]:
         self.passes += 1
+        epoch, resume, self.resume = self._epoch(), self.resume, None
+        skip = resume["batches"] if resume and resume["epoch"] == epoch else 0
         self.dataset.set_epoch(epoch)
         if self.generator is not None:
             self.generator.manual_seed(_item_seed(self.seed, "order", epoch))
-        for batch in super().__iter__():
-            self.skips.reasons.update(batch.pop("skipped"))
-            if batch["image"] is not None:
+        if isinstance(self.batch_sampler, ResumableBatchSampler):
+            self.batch_sampler.skip, skip = skip, 0
+        for n, batch in enumerate(super().__iter__()):
+            self.log.add(batch.pop("skipped"), batch.pop("converted"))
+            if n >= skip and batch["image"] is not None:
                 yield batch
 
 
@@ -251,21 +319,6 @@ def _nearest_sizes(size: int, patch: int) -> str:
     """The valid sizes either side of ``size``, for the error message."""
     below, above = size // patch * patch, math.ceil(size / patch) * patch
     return " or ".join(str(s) for s in dict.fromkeys((below, above)) if s > 0)
-
-
-def _check_columns(dataset: datasets.Dataset | datasets.IterableDataset, *columns: str | None) -> None:
-    names = dataset.column_names
-    for column in columns:
-        if column is not None and names is not None and column not in names:
-            raise RetrofitError(f"column {column!r} is not in the dataset: pick one of {', '.join(names)}.")
-
-
-def _undecoded(
-    dataset: datasets.Dataset | datasets.IterableDataset, column: str
-) -> datasets.Dataset | datasets.IterableDataset:
-    """Read image bytes without HF decoding them, so a corrupt image fails in our hands, per item."""
-    feature = (dataset.features or {}).get(column)
-    return dataset.cast_column(column, datasets.Image(decode=False)) if isinstance(feature, datasets.Image) else dataset
 
 
 class RetrofitDataModule(L.LightningDataModule):
@@ -331,7 +384,8 @@ class RetrofitDataModule(L.LightningDataModule):
         self.streaming, self.max_images, self.random_crop, self.crop_pct = streaming, max_images, random_crop, crop_pct
         self.shuffle, self.seed, self.margin = shuffle, seed, margin
         self.mean, self.std, self.interpolation, self.patch_size = mean, std, interpolation, patch_size
-        self.skips = SkipLog()
+        self.images = ImageLog()
+        self._open_passes: weakref.WeakSet[Iterator[Item]] = weakref.WeakSet()
         self._tensor: torch.Tensor | None = None
         self._reader: Callable[[int], torch.Tensor] | datasets.IterableDataset | None = None
         self._keys: list[str] = []
@@ -355,21 +409,17 @@ class RetrofitDataModule(L.LightningDataModule):
     # ---- settings ---------------------------------------------------------------------------------
 
     def _check_settings(self) -> None:
-        positive = {"img_size": self.img_size, "batch_size": self.batch_size}
-        for name, value in positive.items():
-            if value < 1:
-                raise RetrofitError(f"{name} must be a positive integer, got {value}.")
-        if self.num_workers < 0 or self.margin < 0:
-            raise RetrofitError("num_workers and margin must be >= 0.")
-        if self.max_images is not None and self.max_images < 1:
-            raise RetrofitError(f"max_images must be >= 1 or None, got {self.max_images}.")
-        if not 0 < self.crop_pct <= 1:
-            raise RetrofitError(f"crop_pct must be in (0, 1], got {self.crop_pct}.")
-        for name, values in (("mean", self.mean), ("std", self.std)):
-            if values is not None and len(values) != 3:
-                raise RetrofitError(f"{name} needs 3 values (R, G, B), got {list(values)}.")
-        if self.std is not None and min(self.std) <= 0:
-            raise RetrofitError(f"std must be positive, got {list(self.std)}.")
+        mean, std = (None if v is None else list(v) for v in (self.mean, self.std))
+        check_settings((
+            (self.img_size >= 1, f"img_size must be a positive integer, got {self.img_size}"),
+            (self.batch_size >= 1, f"batch_size must be a positive integer, got {self.batch_size}"),
+            (self.num_workers >= 0 and self.margin >= 0, "num_workers and margin must be >= 0"),
+            (self.max_images is None or self.max_images >= 1, f"max_images must be >= 1, got {self.max_images}"),
+            (0 < self.crop_pct <= 1, f"crop_pct must be in (0, 1], got {self.crop_pct}"),
+            (mean is None or len(mean) == 3, f"mean needs 3 values (R, G, B), got {mean}"),
+            (std is None or len(std) == 3, f"std needs 3 values (R, G, B), got {std}"),
+            (std is None or min(std) > 0, f"std must be positive, got {std}"),
+        ), "RetrofitDataModule")
         if self.interpolation is not None:
             interpolation_mode(self.interpolation)
         if self.patch_size is not None:
@@ -426,6 +476,7 @@ class RetrofitDataModule(L.LightningDataModule):
             interpolation=interpolation_mode(self.interpolation or defaults["interpolation"]),
             mean=tuple(self.mean or defaults["mean"]),
             std=tuple(self.std or defaults["std"]),
+            min_side=self.patch_size,
         )
 
     # ---- sources ----------------------------------------------------------------------------------
@@ -439,7 +490,7 @@ class RetrofitDataModule(L.LightningDataModule):
             self._reader = _TensorReader(self._tensor)
         elif self.source == _TENSOR_SOURCE:
             raise RetrofitError("no image tensor given: build the data module with RetrofitDataModule.from_tensor.")
-        elif self.source.startswith((HUB_PREFIX, IMAGEFOLDER_PREFIX)) or _is_saved_dataset(self.source):
+        elif self.source.startswith((HUB_PREFIX, IMAGEFOLDER_PREFIX)) or is_saved_dataset(self.source):
             self._setup_hf()
         else:
             root = Path(self.source)
@@ -449,8 +500,7 @@ class RetrofitDataModule(L.LightningDataModule):
 
     def _setup_hf(self) -> None:
         dataset, name = self._load_hf()
-        _check_columns(dataset, self.image_column, self.key_column)
-        dataset = _undecoded(dataset.select_columns([c for c in (self.image_column, self.key_column) if c]),
+        dataset = undecoded(dataset.select_columns([c for c in (self.image_column, self.key_column) if c]),
                              self.image_column)
         prefix = f"{name}:{self.split}"
         if self.streaming:
@@ -467,30 +517,12 @@ class RetrofitDataModule(L.LightningDataModule):
         self._reader = _HFReader(dataset, self.image_column)
 
     def _load_hf(self) -> tuple[datasets.Dataset | datasets.IterableDataset, str]:
-        """The split as a HF dataset and a short stable name for keys (folder or hub name)."""
-        if self.source.startswith(HUB_PREFIX):
-            name = self.source.removeprefix(HUB_PREFIX)
-            try:
-                return datasets.load_dataset(name, split=self.split, streaming=self.streaming), name
-            except Exception as e:  # hub, network and builder errors all mean: this spec cannot be loaded
-                raise RetrofitError(
-                    f"cannot load Hugging Face dataset {name!r} split {self.split!r} ({type(e).__name__}): "
-                    "check the name and split, or pass a local folder."
-                ) from e
-        if self.source.startswith(IMAGEFOLDER_PREFIX):
-            folder = Path(self.source.removeprefix(IMAGEFOLDER_PREFIX))
-            try:
-                dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split=self.split,
-                                                streaming=self.streaming)
-            except (ValueError, FileNotFoundError) as e:
-                raise RetrofitError(f"imagefolder {folder} has no split {self.split!r} or no images ({e}).") from e
-            return dataset, folder.name
-        loaded = datasets.load_from_disk(self.source)
-        if isinstance(loaded, datasets.DatasetDict):
-            if self.split not in loaded:
-                raise RetrofitError(f"split {self.split!r} is not in {self.source}: pick one of {', '.join(loaded)}.")
-            loaded = loaded[self.split]
-        return loaded, Path(self.source).name
+        """The split as a HF dataset and a short stable name for keys (hub name or folder name)."""
+        spec = self.source.removeprefix(HUB_PREFIX)
+        columns = {"image_column": self.image_column, "key_column": self.key_column}
+        dataset = open_split(spec, self.split, self.streaming, columns, cli_prefix="--data.")
+        name = spec if self.source.startswith(HUB_PREFIX) else Path(spec.removeprefix(IMAGEFOLDER_PREFIX)).name
+        return dataset, name
 
     # ---- loading ----------------------------------------------------------------------------------
 
@@ -513,49 +545,59 @@ class RetrofitDataModule(L.LightningDataModule):
     def train_dataloader(self) -> SkippingLoader:
         """Batches per the contract; with DDP, Lightning swaps in its distributed sampler (map-style)."""
         data = self.dataset()
-        mapped = isinstance(data, ImageDataset)
+        if isinstance(data, ImageDataset):
+            generator = torch.Generator().manual_seed(self.seed)
+            order = RandomSampler(data, generator=generator) if self.shuffle else SequentialSampler(data)
+            batching = {"batch_sampler": ResumableBatchSampler(order, self.batch_size), "generator": generator}
+        else:
+            batching = {"batch_size": self.batch_size}
         return SkippingLoader(
             data,
-            self.skips,
+            self.images,
             epoch=self._trainer_epoch,
+            position=self._trainer_position,
             seed=self.seed,
-            batch_size=self.batch_size,
-            shuffle=self.shuffle and mapped,
+            open_passes=self._open_passes,
             num_workers=self.num_workers,
             collate_fn=collate,
-            generator=torch.Generator().manual_seed(self.seed) if mapped else None,
+            worker_init_fn=worker_signals,
             persistent_workers=False,  # workers must see each pass's epoch for fresh crops
+            **batching,
         )
 
     def _trainer_epoch(self) -> int | None:
         return None if self.trainer is None else self.trainer.current_epoch
 
+    def _trainer_position(self) -> int:
+        """Batches of the current epoch the training loop has stepped through (0 outside a Trainer)."""
+        return 0 if self.trainer is None else self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
     @property
     def num_skipped(self) -> int:
-        """How many distinct unreadable images were skipped so far (in this process)."""
-        return len(self.skips)
+        """How many distinct unusable images were skipped so far (in this process)."""
+        return len(self.images)
 
     @property
     def skipped(self) -> dict[str, str]:
-        """Unreadable images so far: key -> reason."""
-        return dict(self.skips.reasons)
+        """Unusable images so far: key -> kind (``corrupt or truncated``, ``empty file``, ...)."""
+        return dict(self.images.skipped)
 
     def report(self) -> str | None:
-        """Log and return the one-line summary of unreadable images, or None when there were none."""
-        if not len(self.skips):
-            return None
-        line = self.skips.summary()
-        log.warning(line)
+        """Log and return the one-line summary of skipped and converted images, or None when there were none."""
+        line = self.images.summary()
+        if line is not None:
+            log.warning(line)
         return line
 
     def teardown(self, stage: str) -> None:
         self.report()
 
-
-def _is_saved_dataset(source: str) -> bool:
-    """A folder written by HF save_to_disk (a Dataset or a DatasetDict)."""
-    path = Path(source)
-    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+    def on_exception(self, exception: BaseException) -> None:
+        """A stopped run ends its loader passes and their workers now: left to interpreter exit, the
+        workers would be terminated mid-batch, with an error from each."""
+        for batches in list(self._open_passes):
+            batches.close()
+        self.report()
 
 
 def _rank_and_world(trainer: L.Trainer | None) -> tuple[int, int]:

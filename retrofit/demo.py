@@ -17,18 +17,17 @@ from typing import Any
 
 import timm
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 from .api import retrofit
+from .callbacks import StepProgressBar
 from .diagnose import diagnose
 from .errors import RetrofitError
-from .features import patch_features
+from .features import inference, patch_features
 from .files import write_json
 from .images import data_config
-from .maps import inference
 from .metrics import outlier_mask, patch_cosine
 from .synthetic import plant_artifacts, synthetic_images
 
@@ -100,7 +99,7 @@ def run_demo(
     held = _images(held_out, SIZE, seed + 2, planted)
     model = retrofit(
         planted, train, out_dir=out / "model", max_steps=steps, accelerator="cpu", precision="32-true",
-        cache_dir=str(out / "target_cache"), callbacks=[RichProgressBar()], enable_model_summary=False,
+        cache_dir=str(out / "target_cache"), callbacks=[StepProgressBar()], enable_model_summary=False,
         **TRAINING,
     )
     shutil.rmtree(out / "target_cache", ignore_errors=True)

@@ -11,25 +11,19 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.progress import track
+from rich import box
 from rich.table import Table
 from torch import Tensor, nn
 
+from .attention import NO_CLS_NOTE
 from .errors import RetrofitError
-from .features import block_indices, patch_features
+from .features import block_indices, inference, model_device, patch_features
 from .files import write_json
-from .maps import (
-    NO_CLS_NOTE,
-    ImageMaps,
-    compute_maps,
-    display_rgb,
-    inference,
-    model_device,
-    plot_heads,
-    plot_maps,
-    save_figure,
-)
-from .metrics import OutlierFraction, PatchNormStats, PositionLeakage, outlier_masks, token_norms
+from .maps import ImageMaps, compute_maps, display_rgb
+from .metrics import FeatureFidelity, OutlierFraction, PatchNormStats, PositionLeakage, outlier_masks, token_norms
+from .page import percent, write_page
+from .plots import plot_heads, plot_maps, save_figure
+from .progress import track
 from .surgery import count_registers, has_class_token
 
 REPORT_NAME = "diagnose.json"
@@ -54,7 +48,7 @@ def _layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
 
 def _batch_starts(n: int, batch_size: int, description: str, progress: bool) -> Iterable[int]:
     """Batch offsets, shown as a rich progress bar when ``progress``."""
-    return track(range(0, n, batch_size), description=description, disable=not progress, transient=True)
+    return track(range(0, n, batch_size), description, enabled=progress)
 
 
 def _image_stats(names: Sequence[str], grid: Tensor, k: float, threshold: float | None) -> list[dict[str, Any]]:
@@ -102,6 +96,24 @@ def _model_summary(
         "position_leakage": leakage.compute().item() if len(images) > 1 else None,
         "images": per_image,
     }
+
+
+def _cosine(
+    models: Sequence[tuple[str, nn.Module]], images: Tensor, norm: bool, batch_size: int, progress: bool = False
+) -> dict[str, float] | None:
+    """Patch cosine of the second model's final features to the first's (None where the grids differ)."""
+    (_, first), (_, second) = models
+    fidelity = FeatureFidelity().to(model_device(first))
+    for start in _batch_starts(len(images), batch_size, "comparing features", progress):
+        grids = []
+        for model in (first, second):
+            with inference(model):
+                grids.append(patch_features(model, images[start:start + batch_size].to(model_device(model)),
+                                            norm=norm).to(model_device(first)))
+        if grids[0].shape != grids[1].shape:
+            return None
+        fidelity.update(grids[1], grids[0])
+    return {k: v.item() for k, v in fidelity.compute().items()}
 
 
 def _file_stems(names: Sequence[str]) -> list[str]:
@@ -173,13 +185,15 @@ def diagnose(
     R^2 of the last layer (None for a single image). With ``out_dir``: ``NNN_<name>.png`` per image
     (input, norm map, CLS attention, PCA; one row per model), ``NNN_<name>_heads.png`` (CLS attention
     per head, for models with a class token) and ``diagnose.json`` holding the report and every
-    figure's data under ``"figures"``. ``progress`` shows rich progress bars. Returns the report.
+    figure's data under ``"figures"``, and ``index.html``: the whole report on one self-contained page.
+    With ``compare``, ``"cosine"`` is the patch cosine (mean, 5th percentile) of ``compare``'s final
+    features to ``model``'s. ``progress`` shows rich progress bars. Returns the report.
     """
     _check_inputs(images, names, labels, compare)
     names = [f"image{i}" for i in range(len(images))] if names is None else [str(n) for n in names]
     models = [(labels[0], model)] + ([] if compare is None else [(labels[1], compare)])
     report: dict[str, Any] = {
-        "settings": {"k": k, "threshold": threshold, "norm": norm},
+        "settings": {"k": k, "threshold": threshold, "norm": norm, "input_size": list(images.shape[-2:])},
         "images": names,
         "models": [
             _model_summary(m, label, images, names, _layers(m, layers), k, threshold, norm, batch_size,
@@ -187,38 +201,45 @@ def diagnose(
             for label, m in models
         ],
     }
+    if compare is not None:
+        report["cosine"] = _cosine(models, images, norm, batch_size, progress)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         report["figures"] = _write_figures(models, images, names, out, k, threshold, batch_size, progress)
         write_json(report, out / REPORT_NAME)
+        write_page(report, out)
     return report
 
 
-def _percent(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
 def render_table(report: dict[str, Any]) -> Table:
-    """The per-layer numbers of a :func:`diagnose` report as a rich table, models side by side."""
+    """The per-layer numbers of a :func:`diagnose` report as a rich table.
+
+    Models are compared row by row (one row per layer and model), so the table stays readable in an
+    80-column terminal: numbers never wrap, only a long model label may.
+    """
     k = report["settings"]["k"]
-    table = Table(title=f"Patch-token norms per layer ({len(report['images'])} images; outliers: > {k:g}x or "
-                        f"< 1/{k:g}x the image median)")
-    table.add_column("layer", justify="right")
-    rows: dict[int, list[str]] = {}
-    for i, summary in enumerate(report["models"]):
-        for head in ("median", "p99", "max", "high-norm", "low-norm"):
-            table.add_column(f"{summary['label']}\n{head}", justify="right")
-        for entry in summary["layers"]:
-            cells = [f"{entry['median']:.3g}", f"{entry['p99']:.3g}", f"{entry['max']:.3g}",
-                     _percent(entry["high"]), _percent(entry["low"])]
-            rows.setdefault(entry["layer"], [""] * 5 * i).extend(cells)
-    for layer in sorted(rows):
-        table.add_row(str(layer), *rows[layer])
+    models = report["models"]
+    table = Table(box=box.SIMPLE_HEAD, title=f"Patch-token norms per layer ({len(report['images'])} images; "
+                  f"outliers: > {k:g}x or < 1/{k:g}x the image median)")
+    table.add_column("layer", justify="right", no_wrap=True)
+    if len(models) > 1:
+        table.add_column("model", overflow="fold")
+    for head in ("median", "p99", "max", "high-norm", "low-norm"):
+        table.add_column(head, justify="right", no_wrap=True)
+    by_layer = [{e["layer"]: e for e in m["layers"]} for m in models]
+    for layer in sorted(set().union(*by_layer)):
+        for summary, entries in zip(models, by_layer, strict=True):
+            if layer in entries:
+                e = entries[layer]
+                label = [summary["label"]] if len(models) > 1 else []
+                table.add_row(str(layer), *label, f"{e['median']:.3g}", f"{e['p99']:.3g}", f"{e['max']:.3g}",
+                              percent(e["high"]), percent(e["low"]))
+        table.add_section()
     table.caption = "; ".join(
         f"{s['label']}: {s['num_registers']} registers, position leakage R^2 "
         + ("n/a (1 image)" if s["position_leakage"] is None else f"{s['position_leakage']:.3f}")
         + ("" if s["class_token"] else f", {NO_CLS_NOTE}")
-        for s in report["models"]
+        for s in models
     )
     return table

@@ -1,42 +1,89 @@
-"""timm-native export: a directory that plain ``timm.create_model('local-dir:DIR', pretrained=True)`` reads."""
+"""timm-native export: a directory that plain ``timm.create_model('local-dir:DIR', pretrained=True)`` reads.
+
+This module owns the export folder: writing it, recognising it and reading it back.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
+from collections.abc import Mapping
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import timm
+from safetensors import SafetensorError
 from timm.models import save_for_hf
 from torch import nn
 
-from . import __version__
-from .backbones import export_config
+from .card import before_after, write_card
 from .errors import RetrofitError, first_line
-from .surgery import check_supported, count_registers
+from .files import apply_umask
+from .surgery import check_supported, count_registers, timm_model
 
 WEIGHTS_NAME = "model.safetensors"
 
 
-def export(model: nn.Module, out_dir: str | Path, overwrite: bool = False, **metadata: Any) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (timm's hub layout) to ``out_dir``, atomically.
+def source_dir(model: nn.Module) -> Path | None:
+    """The folder ``model``'s weights were read from, when it was loaded from a local export directory."""
+    cfg = getattr(timm_model(model), "pretrained_cfg", None) or {}
+    return Path(cfg["file"]).resolve() if cfg.get("source") == "local-dir" and cfg.get("file") else None
+
+
+def check_target(model: nn.Module, out_dir: str | Path, backbone: object = None) -> None:
+    """Refuse to export into the folder the original weights come from: the model would replace its own source."""
+    out = Path(out_dir).resolve()
+    named = isinstance(backbone, (str, Path)) and Path(backbone).is_dir()
+    sources = {source_dir(model), Path(backbone).resolve() if named else None}
+    if out in sources:
+        raise RetrofitError(f"{out_dir} holds the original model this one was made from: export to another directory.")
+
+
+def export(
+    model: nn.Module,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    *,
+    repo_id: str | None = None,
+    diagnose_report: Mapping[str, Any] | str | Path | None = None,
+    **metadata: Any,
+) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (timm's hub layout) and the model card to ``out_dir``, atomically.
 
     Everything is written to a temporary sibling directory that is renamed into place at the end,
-    so an interrupted export leaves no half-written model. An existing non-empty ``out_dir`` is
-    replaced only with ``overwrite=True``. ``metadata`` lands under ``"retrofit"`` in config.json.
+    so an interrupted or failed export (a full disk) leaves the previous ``out_dir`` as it was and no
+    temporary folder. An existing non-empty ``out_dir`` is replaced only with ``overwrite=True``, and
+    never when it is the folder the original model was loaded from (``metadata["backbone"]`` or the
+    model's own ``pretrained_cfg``). Files get the user's umask. ``metadata`` lands under ``"retrofit"``
+    in config.json; README.md is the model card (:mod:`retrofit.card`), with the before/after numbers of
+    ``diagnose_report`` (a ``diagnose --compare`` report, its JSON or folder) and loading code for
+    ``repo_id`` (the Hub repo it is meant for) when given.
     """
     check_supported(model)
+    info = {"version": version("retrofit"), "num_registers": count_registers(model), **metadata}
+    if diagnose_report is not None:
+        info["diagnose"] = before_after(diagnose_report, info["num_registers"])
     out = Path(out_dir)
+    check_target(model, out, metadata.get("backbone"))
+    old = out.with_name(f".{out.name}.old")
+    if old.is_dir() and not out.exists():  # a replace was cut short between its two renames
+        old.rename(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise RetrofitError(f"{out} already exists and is not empty: choose another directory or pass overwrite=True.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        info = {"version": __version__, "num_registers": count_registers(model), **metadata}
-        save_for_hf(model, tmp, model_config={"retrofit": info}, safe_serialization=True)
+        try:
+            save_for_hf(model, tmp, model_config={"retrofit": info}, safe_serialization=True)
+            write_card(model, tmp, info, out.name, repo_id)
+        except (OSError, SafetensorError) as e:  # e.g. a full disk
+            kept = f"{out} is unchanged" if out.exists() else f"nothing was written to {out}"
+            raise RetrofitError(f"could not write the export ({first_line(e, 80)}): {kept}; free space or "
+                                "choose another directory.") from e
+        apply_umask(tmp)
         if out.exists():
-            old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             out.rename(old)
             tmp.rename(out)
@@ -46,6 +93,20 @@ def export(model: nn.Module, out_dir: str | Path, overwrite: bool = False, **met
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def is_export_dir(path: str | Path) -> bool:
+    """A folder with a config.json: what :func:`export` writes (and timm's ``local-dir:`` reads)."""
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def export_config(path: str | Path) -> dict[str, Any]:
+    """The config.json of an export directory."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RetrofitError(f"{path}/config.json is missing or not valid JSON: export the model again.") from e
 
 
 def load(path: str | Path, **model_kwargs: Any) -> nn.Module:

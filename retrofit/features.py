@@ -37,6 +37,25 @@ def square_size(model: nn.Module, img_size: int | None = None) -> int:
 
 
 @contextmanager
+def inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients for the block, then the model's own train/eval mode back.
+
+    Diagnostics of a model in training must not see dropout or drop-path, nor change its mode.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextmanager
 def dynamic_input(model: nn.Module, size: Sequence[int]) -> Iterator[None]:
     """Let a fixed-size timm ViT run at another resolution for the duration of the block.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -36,6 +37,8 @@ LORA_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"  # not patch_em
 TOKEN_PARAMS = ("cls_token", "reg_token", "dist_token", "pos_embed")
 HEAD_PREFIXES = ("head", "fc_norm", "attn_pool")  # never reach the patch features: frozen even in `full`
 _PATCH_EMBED = "patch_embed."
+# The frozen teacher is in eval mode on purpose; Lightning would warn about it at the start of every fit.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def _starts(name: str, prefixes: Sequence[str]) -> bool:
@@ -431,3 +434,41 @@ class RetrofitModule(L.LightningModule):
         backbone = self.hparams.get("backbone") or self.teacher.pretrained_cfg["architecture"]
         info = {"backbone": str(backbone), "freeze": self.hparams.freeze, "step": int(self.global_step), **metadata}
         return export(model or self.export_model(), out_dir, overwrite=overwrite, **info)
+
+    # ---- rebuilding -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, backbone: str | None = None) -> tuple[RetrofitModule, dict[str, Any]]:
+        """The trained module of a ``retrofit fit`` checkpoint, rebuilt offline, and the checkpoint's record of
+        the run: everything in it but the weights and optimizer states (``global_step``, the callbacks' states).
+
+        The checkpoint is read weights-only (no code in it runs). The teacher is only an architecture here
+        (no download): the checkpoint holds every student weight. ``backbone`` names the architecture when
+        the run was started from an in-memory model (Python API).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise RetrofitError(f"checkpoint {path} does not exist: pass a .ckpt written by retrofit fit "
+                                "(<log_dir>/checkpoints).")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise RetrofitError(f"{path} is not a readable Lightning checkpoint ({type(e).__name__}): "
+                                "pass a .ckpt written by retrofit fit.") from e
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+            raise RetrofitError(f"{path} has no state_dict and hyper_parameters: pass a .ckpt written by retrofit fit.")
+        hp = ckpt["hyper_parameters"]
+        spec = backbone or hp.get("backbone")
+        if not isinstance(spec, str):
+            raise RetrofitError(f"{path} does not name its backbone (trained from a Python model): "
+                                "pass --backbone NAME.")
+        architecture = load_backbone(spec, pretrained=False, **(hp.get("model_kwargs") or {}))
+        try:
+            module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, backbone=architecture)
+        except RuntimeError as e:  # load_state_dict's size mismatch / missing keys
+            raise RetrofitError(
+                f"{path} does not fit a {spec} student with these settings ({first_line(e, 120)}): "
+                "pass the --backbone it was trained from."
+            ) from e
+        module.hparams["backbone"] = spec  # the export records where it came from
+        return module, {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer_states")}

@@ -3,12 +3,13 @@
 A model trained with ``no_embed_class=False`` adds ``pos_embed[:, :prefix]`` to its prefix
 tokens. Folding that slice into the tokens themselves and rebuilding the model with
 ``no_embed_class=True`` gives the same function, and leaves the new registers without any
-position embedding (DESIGN.md section 3).
+position embedding (docs/method.md, "Surgery").
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from typing import Literal
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from .errors import RetrofitError
 
+log = logging.getLogger(__name__)
 SUPPORTED_CLASSES: tuple[type[nn.Module], ...] = (VisionTransformer, Eva)
 RegisterInit = Literal["randn", "zeros", "cls", "mean_patch", "timm"]
 OnExisting = Literal["add", "error"]
@@ -134,6 +136,9 @@ def add_registers(
         )
     if existing not in ("add", "error"):
         raise RetrofitError(f"existing must be 'add' or 'error', got {existing!r}.")
+    if old and num_registers:  # stacking is allowed, but never silent
+        log.warning("%s already has %d registers: adding %d more, %d in total.",
+                    model.pretrained_cfg["architecture"], old, num_registers, old + num_registers)
 
     ref = next(model.parameters())
     sd = _folded_state_dict(model)

@@ -9,14 +9,6 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def perturb_(model: torch.nn.Module, scale: float = 0.02) -> torch.nn.Module:
-    """Move every weight off its init so token / position-embedding bugs cannot hide behind zeros."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return model
-
-
 @pytest.fixture
 def one_thread():
     """Tiny tensors: one intra-op thread beats two that contend for a busy 2-core machine."""
@@ -24,3 +16,45 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class FakeHub:
+    """The Hugging Face Hub at the network boundary: HfApi's create_repo / file_exists / upload_folder.
+
+    Records each repo created and each upload (file name -> bytes); ``fail`` makes create_repo raise it.
+    """
+
+    def __init__(self) -> None:
+        self.created: list[str] = []
+        self.uploads: list[dict] = []
+        self.fail: Exception | None = None
+
+    def create_repo(self, repo_id, **kwargs):
+        from huggingface_hub import RepoUrl
+
+        if self.fail is not None:
+            raise self.fail
+        self.created.append(repo_id)
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def file_exists(self, repo_id, filename, **kwargs):
+        return False
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        from pathlib import Path
+        from types import SimpleNamespace
+
+        files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+        self.uploads.append({"repo_id": repo_id, "files": files, **kwargs})
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0123abc")
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    from huggingface_hub import HfApi
+
+    hub = FakeHub()
+    for name in ("create_repo", "file_exists", "upload_folder"):
+        monkeypatch.setattr(HfApi, name, getattr(hub, name))  # bound to the fake: every HfApi calls it
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    return hub

@@ -1,9 +1,12 @@
 """retrofit(): planted artifacts removed end to end, image folders, export round trip, argument routing."""
 
+import json
+
 import pytest
 import timm
 import torch
 from PIL import Image
+from safetensors.torch import load as load_safetensors
 
 from retrofit import RetrofitError, count_registers, load, patch_features
 from retrofit.api import retrofit
@@ -60,3 +63,21 @@ def test_settings_are_routed_or_rejected():
         retrofit(teacher, RetrofitDataModule.from_tensor(images), batch_size=4)
     with pytest.raises(RetrofitError, match="data of type list"):
         retrofit(teacher, [images])
+
+
+def test_push_without_out_dir_uploads_a_scratch_export(fake_hub, monkeypatch):
+    teacher = timm.create_model("test_vit", pretrained=False, img_size=32, patch_size=8).eval()
+    model = retrofit(teacher, synthetic_images(4, 32, **NORM), push_to_hub="user/reg2", num_registers=2,
+                     max_steps=1, batch_size=2, **QUIET)
+    (upload,) = fake_hub.uploads
+    config = json.loads(upload["files"]["config.json"])
+    assert config["model_args"]["reg_tokens"] == 2 and config["retrofit"]["step"] == 1
+    assert config["retrofit"]["train_images"] == 4 and config["retrofit"]["img_size"] == 32
+    assert b"# Model card for reg2" in upload["files"]["README.md"]
+    weights = load_safetensors(upload["files"]["model.safetensors"])
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr("retrofit.hub.get_token", lambda: None)
+    with pytest.raises(RetrofitError, match="needs a Hugging Face token"):
+        retrofit(teacher, synthetic_images(4, 32, **NORM), push_to_hub="user/reg2", max_steps=1, **QUIET)

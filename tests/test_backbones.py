@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from retrofit import RetrofitError, load_backbone
 
-from .conftest import perturb_
+from .helpers import perturb_
 
 DINO_KW = dict(img_size=42, depth=2)
 
@@ -47,7 +47,7 @@ def test_original_dinov2_layout_goes_through_timm_filter(tmp_path):
 
 def test_openai_clip_layout_goes_through_timm_filter(tmp_path):
     kw = dict(img_size=32, depth=1, num_classes=512)
-    ref = perturb_(timm.create_model("vit_base_patch16_clip_224", pretrained=False, **kw)).eval()
+    ref = perturb_(timm.create_model("vit_base_patch16_clip_224.openai", pretrained=False, **kw)).eval()
     swaps = [("patch_embed.proj", "conv1"), ("norm_pre", "ln_pre"), ("blocks.", "transformer.resblocks."),
              ("attn.qkv.", "attn.in_proj_"), ("attn.proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"),
              ("mlp.fc2", "mlp.c_proj"), (".norm1", ".ln_1"), (".norm2", ".ln_2")]
@@ -69,7 +69,7 @@ def test_openai_clip_layout_goes_through_timm_filter(tmp_path):
     with torch.no_grad():
         ref.head.bias.zero_()
     save_file(sd, str(tmp_path / "clip.safetensors"))
-    model = load_backbone("vit_base_patch16_clip_224", checkpoint=tmp_path / "clip.safetensors", **kw)
+    model = load_backbone("vit_base_patch16_clip_224.openai", checkpoint=tmp_path / "clip.safetensors", **kw)
     assert _same_outputs(ref, model)
 
 
@@ -83,19 +83,20 @@ BAD_INPUTS = [
      "unknown model 'vit_smal_patch14_dinov2'.*Did you mean vit_small_patch14_dinov2"),
     ("missing file", lambda p: load_backbone("test_vit", checkpoint=p / "nope.safetensors"), "does not exist"),
     ("corrupt safetensors", lambda p: (p / "bad.safetensors").write_bytes(b"\x00garbage" * 10)
-     and load_backbone("test_vit", checkpoint=p / "bad.safetensors"), "corrupt or not a weights file"),
+     and load_backbone("test_vit", checkpoint=p / "bad.safetensors"), "does not load into test_vit.*not corrupt"),
     ("unknown suffix", lambda p: (p / "w.ckpt.gz").write_bytes(b"x")
      and load_backbone("test_vit", checkpoint=p / "w.ckpt.gz"), "unknown suffix"),
     ("weights of another architecture", lambda p: save_file(timm.create_model("test_vit").state_dict(),
      str(p / "tv.safetensors")) or load_backbone("vit_small_patch14_dinov2", checkpoint=p / "tv.safetensors",
-                                                 **DINO_KW), "does not fit vit_small_patch14_dinov2"),
+                                                 **DINO_KW), "does not load into vit_small_patch14_dinov2 .*Missing"),
     ("not a ViT", lambda p: load_backbone("resnet18"),
      "ResNet is not a supported Vision Transformer: retrofit supports timm VisionTransformer, timm Eva"),
     ("checkpoint path given as name", lambda p: load_backbone(str(p / "weights.safetensors")),
      "is a file or folder, not a model name"),
     ("pickle that runs code", lambda p: (p / "evil.pth").write_bytes(pickle.dumps(_Exploit()))
-     and load_backbone("test_vit", checkpoint=p / "evil.pth"), "corrupt or not a weights file"),
-    ("offline hub weights", lambda p: load_backbone("test_vit"), "could not fetch pretrained weights.*checkpoint"),
+     and load_backbone("test_vit", checkpoint=p / "evil.pth"), "weights_only=True blocked loading"),
+    ("offline hub weights", lambda p: load_backbone("test_vit"),
+     "could not fetch pretrained weights.*HF_HUB_OFFLINE is set.*--model.checkpoint PATH in retrofit fit"),
 ]
 
 

@@ -9,11 +9,11 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from torch.utils.data import DataLoader
 
 from retrofit import RetrofitError, add_registers, load, patch_features
-from retrofit.backbones import export_config
 from retrofit.callbacks import ArtifactMonitor, NormMapLogger, RegisterExport
+from retrofit.export import export_config
 from retrofit.metrics import FeatureFidelity, outlier_mask
 
-from .test_maps import planted_vit
+from .helpers import planted_vit
 
 SIZE = 48
 
@@ -168,3 +168,20 @@ def test_with_retrofit_module_lora(tmp_path):
     with torch.no_grad():
         expected = patch_features(watched.export_model(), x)
     assert torch.allclose(patch_features(load(tmp_path / "export"), x), expected, atol=1e-5)
+
+
+def test_register_export_card_and_push(tmp_path, fake_hub, monkeypatch):
+    callback = RegisterExport(tmp_path / "exp", push_to_hub="user/tiny")
+    fit(Tiny(), [callback], tmp_path, max_steps=2)
+    info = export_config(tmp_path / "exp")["retrofit"]
+    assert (info["step"], info["batch_size"], info["train_images"]) == (2, 4, 8)
+    assert 'create_model("hf-hub:user/tiny"' in (tmp_path / "exp" / "README.md").read_text()
+    (upload,) = fake_hub.uploads
+    assert upload["repo_id"] == "user/tiny" and callback.pushed_url.endswith("/commit/0123abc")
+    assert callback.state_dict()["facts"] == {"batch_size": 4, "train_images": 8}
+
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr("retrofit.hub.get_token", lambda: None)
+    with pytest.raises(RetrofitError, match="needs a Hugging Face token"):
+        fit(Tiny(), [RegisterExport(tmp_path / "exp2", push_to_hub="user/tiny")], tmp_path)
+    assert not (tmp_path / "exp2").exists()  # refused before training, not after it

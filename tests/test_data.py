@@ -1,6 +1,7 @@
 """RetrofitDataModule: every image once with stable keys, exact normalisation, margin crops, bad files skipped."""
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -13,7 +14,7 @@ from PIL import Image
 
 from retrofit import RetrofitError
 from retrofit.data import RetrofitDataModule
-from retrofit.images import eval_transform, open_rgb
+from retrofit.images import decode_rgb, eval_transform, open_rgb
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -156,7 +157,8 @@ def test_unreadable_images_are_replaced_and_counted_across_workers(tmp_path, cap
     assert dm.num_skipped == 2 and set(dm.skipped) == {"bad.jpg", "sub/trunc.png"}  # once, not per epoch
     with caplog.at_level(logging.WARNING, logger="retrofit.data"):
         line = dm.report()
-    assert "skipped 2 unreadable" in line and "sub/trunc.png" in line and line in caplog.text
+    assert "skipped 2 unusable image(s): 1 corrupt or truncated, 1 not an image" in line
+    assert "sub/trunc.png" in line and line in caplog.text
 
 
 def test_hf_saved_dataset(tmp_path):
@@ -173,7 +175,8 @@ def test_hf_saved_dataset(tmp_path):
                                   **common)
     (batch,) = batches(streamed)
     assert batch["key"] == ["x", "y", "z"]
-    with pytest.raises(RetrofitError, match="column 'image' is not in the dataset: pick one of img, id"):
+    with pytest.raises(RetrofitError, match="has no column 'image' \\(its columns: img, id\\): set image_column to img "
+                       "\\(CLI: --data.image_column\\)"):
         RetrofitDataModule(str(tmp_path / "flowers"), **common).setup()
 
 
@@ -243,4 +246,55 @@ def test_training_run_goes_on_past_bad_images(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="retrofit.data"):
         trainer.fit(module, datamodule=dm)
     assert module.shapes == [(2, 3, 48, 48)] * 6
-    assert dm.num_skipped == 2 and "skipped 2 unreadable image(s)" in caplog.text
+    assert dm.num_skipped == 2 and "skipped 2 unusable image(s)" in caplog.text
+
+
+def faulty_folder(root: Path, good: int = 950) -> dict[str, int]:
+    """``good`` 24 px PNGs and 50 faulty files, 7 or 8 of each kind; returns how many of each kind."""
+    (root / "bad").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(good):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(root / f"good{i:04d}.png")
+    makers = {
+        "corrupt or truncated": lambda p: p.with_suffix(".png").write_bytes((root / "good0000.png").read_bytes()[:60]),
+        "empty file": lambda p: p.with_suffix(".jpg").write_bytes(b""),
+        "not an image": lambda p: p.with_suffix(".jpg").write_text("these are notes, not pixels"),
+        "smaller than a patch": lambda p: Image.new("RGB", (12, 40), (9, 9, 9)).save(p.with_suffix(".png")),
+        "wrong suffix": lambda p: Image.new("RGB", (30, 30), (1, 2, 3)).save(p.with_suffix(".jpg"), format="PNG"),
+        "CMYK": lambda p: Image.new("CMYK", (30, 30), (0, 255, 255, 0)).save(p.with_suffix(".jpg")),
+        "16-bit": lambda p: Image.fromarray(np.full((30, 30), 32768, dtype=np.uint16)).save(p.with_suffix(".png")),
+    }
+    counts = {kind: 8 if kind == "corrupt or truncated" else 7 for kind in makers}
+    for kind, make in makers.items():
+        for i in range(counts[kind]):
+            make(root / "bad" / f"{kind.replace(' ', '_')}{i}")
+    return counts
+
+
+def test_a_thousand_images_with_five_percent_faulty_never_stop_nor_misshape_a_batch(tmp_path):
+    counts = faulty_folder(tmp_path / "pics")
+    dm = RetrofitDataModule(str(tmp_path / "pics"), img_size=16, batch_size=50, num_workers=2, patch_size=16,
+                            mean=MEAN, std=STD, crop_pct=0.5)
+    out = batches(dm)
+    assert len(out) == 20 and all(b["image"].shape == (50, 3, 16, 16) for b in out)  # full, right-sized batches
+    assert all(torch.isfinite(b["image"]).all() for b in out)
+    skipped = {k: n for k, n in counts.items() if k not in ("wrong suffix", "CMYK", "16-bit")}
+    assert dm.num_skipped == 29 and Counter(dm.skipped.values()) == skipped
+    assert Counter(dm.images.converted.values()) == {"wrong suffix": 7, "CMYK": 7, "16-bit": 7}
+    assert not set(dm.skipped) & {k for b in out for k in b["key"]}
+    line = dm.report()
+    assert line == ("skipped 29 unusable image(s): 8 corrupt or truncated, 7 empty file, 7 not an image, "
+                    "7 smaller than a patch (bad/corrupt_or_truncated0.png, bad/corrupt_or_truncated1.png, "
+                    "bad/corrupt_or_truncated2.png, bad/corrupt_or_truncated3.png, bad/corrupt_or_truncated4.png, "
+                    "...); read 21 unusual image(s) as 8-bit RGB: 7 16-bit, 7 CMYK, 7 wrong suffix. "
+                    "Remove or replace the skipped ones.")
+
+
+def test_sixteen_bit_and_cmyk_images_keep_their_levels(tmp_path):
+    grey = Image.fromarray(np.full((20, 20), 32768, dtype=np.uint16))
+    grey.save(tmp_path / "grey16.png")
+    Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(tmp_path / "red.jpg")
+    image, note = decode_rgb(tmp_path / "grey16.png")
+    assert note == "16-bit" and np.asarray(image).min() == np.asarray(image).max() == 128  # not clipped to 255
+    image, note = decode_rgb(tmp_path / "red.jpg")
+    assert note == "CMYK" and np.abs(np.asarray(image).astype(int) - (255, 0, 0)).max() <= 2

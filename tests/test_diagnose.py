@@ -11,8 +11,7 @@ from retrofit import RetrofitError, add_registers, patch_features
 from retrofit.diagnose import REPORT_NAME, diagnose, render_table
 from retrofit.metrics import OutlierFraction, PatchNormStats
 
-from .conftest import perturb_
-from .test_maps import PLANTED, planted_vit
+from .helpers import PLANTED, perturb_, planted_vit
 
 
 def test_report_json_and_pngs_for_planted_model_vs_clean(tmp_path):

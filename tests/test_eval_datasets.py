@@ -1,7 +1,6 @@
 """Evaluation data: folder, JSON and Hugging Face loaders, and boxes/masks following the image geometry."""
 
 import json
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -14,46 +13,9 @@ from retrofit import RetrofitError
 from retrofit.evaluate import box_dataset, mask_dataset
 from retrofit.evaluate.datasets import batches
 
-OBJECT_RGB, BACKGROUND_RGB = np.array([0.8, 0.4, 0.2]), np.array([0.2, 0.4, 0.7])
+from .helpers import square_scene, write_scenes
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def square_scene(
-    rng: np.random.Generator,
-    width: int = 64,
-    height: int = 64,
-    side: tuple[int, int] = (20, 40),
-    palette: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tuple[Image.Image, list[float], np.ndarray]:
-    """A noise-textured square on a flat background: image, its XYXY box, its 0/1 mask.
-
-    ``palette`` (object, background) colours are jittered per image; None draws both at random.
-    """
-    obj, background = palette or rng.uniform(0, 1, (2, 3))
-    img = np.ones((height, width, 3)) * (background + rng.uniform(-0.15, 0.15, 3))
-    s = int(rng.integers(*side))
-    x0, y0 = int(rng.integers(0, width - s)), int(rng.integers(0, height - s))
-    img[y0:y0 + s, x0:x0 + s] = obj + rng.uniform(-0.15, 0.15, 3) + rng.normal(0, 0.1, (s, s, 3))
-    mask = np.zeros((height, width), np.uint8)
-    mask[y0:y0 + s, x0:x0 + s] = 1
-    return Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)), [x0, y0, x0 + s, y0 + s], mask
-
-
-def write_scenes(
-    root: Path, n: int, seed: int, size: int = 64, palette: tuple[np.ndarray, np.ndarray] | None = None
-) -> Path:
-    """``root/images/k.png`` + ``root/images/boxes.json`` + ``root/masks/k.png``: every folder layout at once."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    boxes = {}
-    for k in range(n):
-        image, box, mask = square_scene(rng, size, size, palette=palette)
-        image.save(root / "images" / f"{k}.png")
-        Image.fromarray(mask).save(root / "masks" / f"{k}.png")
-        boxes[f"{k}.png"] = [box]
-    (root / "images" / "boxes.json").write_text(json.dumps(boxes))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +85,8 @@ def test_hf_save_to_disk_boxes_and_splits(tmp_path):
         assert np.array_equal(np.asarray(image), np.asarray(orig))
     with pytest.raises(RetrofitError, match="has splits train, validation: choose one with split="):
         box_dataset(tmp_path / "hf")
-    with pytest.raises(RetrofitError, match="no column 'boxes'"):
+    with pytest.raises(RetrofitError, match=r"no column 'boxes' \(its columns: image, objects\): set boxes_column to "
+                       r"one of image, objects\.$"):
         box_dataset(tmp_path / "hf", split="train", boxes_column="boxes.bbox")
 
 

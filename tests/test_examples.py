@@ -10,7 +10,7 @@ import torch
 
 from retrofit import count_registers, load
 
-from .test_cli import SIZE, tiny_model_dir, write_images
+from .helpers import SIZE, tiny_model_dir, write_images
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

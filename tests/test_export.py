@@ -1,7 +1,10 @@
 """export/load: timm-native, bit-identical through retrofit and through plain timm, atomic."""
 
+import copy
 import importlib
 import json
+import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -12,8 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 from retrofit import RetrofitError, add_registers, export, load, load_backbone
+from retrofit.files import write_json
 
-from .conftest import perturb_
+from .helpers import file_size_limit, perturb_
 
 
 @pytest.fixture
@@ -53,7 +57,8 @@ PLAIN_TIMM = textwrap.dedent("""
 
 
 def test_plain_timm_loads_the_export_without_retrofit(tmp_path):
-    # Default-size model, so the arch + kwargs recipe from DESIGN.md rebuilds the same shapes.
+    # Default-size model, so create_model(arch, reg_tokens=N, no_embed_class=True) rebuilds the same shapes
+    # (docs/method.md, "timm facts").
     student = add_registers(perturb_(timm.create_model("test_vit", pretrained=False)), 4).eval()
     out = export(student, tmp_path / "exp")
     x = torch.randn(2, 3, 160, 160)
@@ -81,7 +86,7 @@ def test_existing_directory_is_kept_unless_overwrite(tmp_path, student):
     assert "\n" not in str(err.value)
     assert (out / "mine.txt").read_text() == "keep me"
     export(student, out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["exp"]  # no temporary or backup left behind
 
 
@@ -102,3 +107,53 @@ def test_incomplete_export_dir_is_one_line_error(tmp_path, student):
     with pytest.raises(RetrofitError, match="no model.safetensors") as err:
         load(out)
     assert "\n" not in str(err.value)
+
+
+@pytest.fixture
+def tiny():
+    """A 1.6 MB student: quicker to build than ``student``, far above a 100 kB file size limit."""
+    return add_registers(perturb_(timm.create_model("test_vit", pretrained=False, img_size=32, patch_size=8)), 2)
+
+
+def test_a_write_that_fails_half_way_keeps_the_previous_export(tmp_path, tiny):
+    out = export(tiny, tmp_path / "exp")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    retrained = perturb_(copy.deepcopy(tiny))
+    with pytest.raises(RetrofitError) as err, file_size_limit(100_000):
+        export(retrained, out, overwrite=True)
+    assert "\n" not in str(err.value) and "could not write the export" in str(err.value)
+    assert f"{out} is unchanged" in str(err.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["exp"]  # no temporary folder left
+
+
+def test_export_over_the_models_own_source_is_refused(tmp_path, tiny):
+    source = export(tiny, tmp_path / "original")
+    before = (source / "model.safetensors").read_bytes()
+    loaded = load_backbone(source)
+    with pytest.raises(RetrofitError, match="holds the original model this one was made from") as err:
+        export(loaded, source, overwrite=True)
+    assert "\n" not in str(err.value) and (source / "model.safetensors").read_bytes() == before
+    with pytest.raises(RetrofitError, match="holds the original model"):
+        export(tiny, tmp_path / "." / "original", overwrite=True, backbone=str(source))
+
+
+def test_a_replace_cut_short_between_its_renames_is_undone(tmp_path, tiny):
+    out = export(tiny, tmp_path / "exp")
+    out.rename(tmp_path / ".exp.old")  # killed after moving the old export aside, before the new one landed
+    with pytest.raises(RetrofitError, match="already exists"):
+        export(tiny, out)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_written_files_and_folders_follow_the_umask(tmp_path, tiny, mask):
+    previous = os.umask(mask)
+    try:
+        out = export(tiny, tmp_path / "exp")
+        report = write_json({"a": 1}, tmp_path / "r" / "report.json")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    for path in [*out.iterdir(), report]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path

@@ -6,7 +6,7 @@ import torch
 
 from retrofit import RetrofitError, add_registers, patch_features
 
-from .conftest import perturb_
+from .helpers import perturb_
 
 
 @pytest.mark.parametrize("name", ["test_vit", "eva02_tiny_patch14_224"])

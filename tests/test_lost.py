@@ -12,8 +12,7 @@ from retrofit.evaluate import best_iou, corloc, evaluate_lost, lost_box
 from retrofit.evaluate.datasets import batches, box_dataset
 from retrofit.evaluate.lost import _patch_keys, lost_box_from_keys
 
-from .conftest import perturb_
-from .test_eval_datasets import write_scenes
+from .helpers import perturb_, write_scenes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

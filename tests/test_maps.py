@@ -3,37 +3,15 @@
 import pytest
 import timm
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.text import Text
 
 from retrofit import RetrofitError, add_registers
-from retrofit.maps import (
-    cls_attention,
-    compute_maps,
-    display_rgb,
-    figure_array,
-    last_block_qk,
-    pca_rgb,
-    plot_heads,
-    plot_maps,
-)
+from retrofit.attention import cls_attention, last_block_qk
+from retrofit.maps import compute_maps, display_rgb, pca_rgb
+from retrofit.plots import figure_array, plot_heads, plot_maps
 
-from .conftest import perturb_
-
-PLANTED = (1, 2)
-
-
-def planted_vit(img_size: int = 64, **kwargs) -> torch.nn.Module:
-    """test_vit with one high-norm token at grid position PLANTED.
-
-    A large position-embedding entry on channel 0 survives the blocks through the residual, and a
-    final-norm gain on channel 0 turns it into a token of ~5x the median norm.
-    """
-    model = perturb_(timm.create_model("test_vit", pretrained=False, img_size=img_size, **kwargs))
-    row, col = PLANTED
-    offset = 0 if model.no_embed_class else model.num_prefix_tokens
-    with torch.no_grad():
-        model.pos_embed[0, offset + row * model.patch_embed.grid_size[1] + col, 0] += 200.0
-        model.norm.weight[0] = 6.0
-    return model.eval()
+from .helpers import PLANTED, perturb_, planted_vit
 
 
 def timm_attention(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -47,23 +25,28 @@ def timm_attention(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor
     return seen[0]
 
 
-@pytest.mark.parametrize("name, kwargs", [
-    ("test_vit", dict(img_size=32, qk_norm=True)),  # qk-norm
-    ("eva02_tiny_patch14_224", dict(img_size=56, depth=2)),  # Eva: rope, separate q/v bias
+@pytest.mark.parametrize("name, kwargs, rope", [
+    ("test_vit", dict(img_size=32, qk_norm=True), False),  # qk-norm
+    ("eva02_tiny_patch14_224", dict(img_size=56, depth=2), True),  # Eva: rope, separate q/v bias
 ])
-def test_qk_gives_timms_attention_with_registers(name, kwargs):
+def test_qk_and_cls_attention_are_timms_own(name, kwargs, rope):
     model = add_registers(perturb_(timm.create_model(name, pretrained=False, **kwargs)), 2).eval()
     x = torch.randn(2, 3, *model.patch_embed.img_size)
     q, k = last_block_qk(model, x)
-    heads = model.blocks[-1].attn.num_heads
-    assert q.shape[:3] == k.shape[:3] == (2, heads, model.num_prefix_tokens + model.patch_embed.num_patches)
-    ours = (q * model.blocks[-1].attn.scale @ k.transpose(-2, -1)).softmax(dim=-1)
-    assert torch.allclose(ours, timm_attention(model, x), atol=1e-6)
+    heads, npt = model.blocks[-1].attn.num_heads, model.num_prefix_tokens
+    assert q.shape[:3] == k.shape[:3] == (2, heads, npt + model.patch_embed.num_patches)
+    theirs = timm_attention(model, x)  # leaves the layer unfused
+    model.blocks[-1].attn.fused_attn = True
+    if not rope:  # keys are taken before a rotary embedding, so only without one do they give the attention
+        ours = (q * model.blocks[-1].attn.scale @ k.transpose(-2, -1)).softmax(dim=-1)
+        assert torch.allclose(ours, theirs, atol=1e-6)
     cls = cls_attention(model, x)
     assert cls.shape == (2, heads, *model.patch_embed.grid_size)
+    assert torch.allclose(cls.flatten(2), theirs[:, :, 0, npt:], atol=1e-6)
     # the class token gives part of its attention to itself and the registers, the rest to the patches
-    assert torch.allclose(cls.flatten(2).sum(-1), 1 - ours[:, :, 0, :model.num_prefix_tokens].sum(-1), atol=1e-6)
+    assert torch.allclose(cls.flatten(2).sum(-1), 1 - theirs[:, :, 0, :npt].sum(-1), atol=1e-6)
     assert model.training is False and q.requires_grad is False
+    assert model.blocks[-1].attn.fused_attn is True  # unfused for our forward only
 
 
 def test_norm_map_peaks_at_planted_token():
@@ -102,3 +85,17 @@ def test_pca_first_component_follows_the_main_direction():
     corr = torch.corrcoef(torch.stack([red[0], torch.arange(6.0)]))[0, 1].abs()
     assert corr > 0.99
     assert torch.allclose(pca_rgb(features[:1]), rgb[:1])  # per image: the batch does not change a picture
+
+
+def test_heads_figure_is_titled_and_no_label_is_clipped():
+    model = planted_vit()
+    x = torch.randn(1, 3, 64, 64)
+    maps = compute_maps(model, x)[0]
+    labels = ("vit_base_patch14_dinov2.lvd142m (original)", "retrofitted (4 registers)")
+    fig = plot_heads([(label, display_rgb(x, model)[0], maps) for label in labels])
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    texts = {t.get_text(): t.get_window_extent(canvas.get_renderer()) for t in fig.findobj(Text) if t.get_text()}
+    assert "CLS attention of each head" in fig.get_suptitle() and set(labels) <= set(texts)
+    for text, box in texts.items():  # every label, title and head name lies inside the picture
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1, text

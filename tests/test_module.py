@@ -17,7 +17,7 @@ from retrofit.module import RetrofitModule, _lr_factor
 from retrofit.synthetic import synthetic_images
 from retrofit.targets import TargetSettings
 
-from .conftest import perturb_
+from .helpers import perturb_
 
 FAST = TargetSettings(num_views=3, num_candidates=8)
 

@@ -11,7 +11,7 @@ from retrofit import RetrofitError
 from retrofit.evaluate import evaluate_probe
 from retrofit.evaluate.probe import _scores
 
-from .test_eval_datasets import BACKGROUND_RGB, OBJECT_RGB, write_scenes
+from .helpers import BACKGROUND_RGB, OBJECT_RGB, write_scenes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

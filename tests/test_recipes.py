@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 import timm
+import yaml
 
-from retrofit.cli import RECIPES_DIR, console, fit_config, main, recipe_paths, trainable_parameters
+from retrofit.cli import console, fit_config, main, recipes_command
+from retrofit.recipes import fold_comments, recipe_paths, recipes_dir, trainable_parameters
 
 RECIPES = recipe_paths()
 LEAF_KEY = re.compile(r"^\s*(- )?[\w_]+: \S")
@@ -46,27 +48,51 @@ def test_trainable_parameters_match_a_hand_count(tmp_path: Path) -> None:
         + sum(p.numel() for p in vit.patch_embed.parameters())
         + sum(p.numel() for p in vit.blocks[-1].parameters())
     )
-    trainable, total = trainable_parameters(config)
+    trainable, total = trainable_parameters(config.model)
     assert trainable == hand
     assert total == sum(p.numel() for p in vit.parameters()) - dim + 4 * dim  # pos_embed lost its class row
 
 
 def test_readme_table_holds_the_computed_counts(tmp_path: Path) -> None:
-    readme = (RECIPES_DIR / "README.md").read_text()
+    readme = (recipes_dir() / "README.md").read_text()
     for stem in ("dinov2_vits14_reg4", "dinov2_vits14_reg16", "deit3_base_p16_384"):
-        config = fit_config(["--config", str(RECIPES_DIR / f"{stem}.yaml"), "--data.source", str(tmp_path)])
-        trainable, total = trainable_parameters(config)
+        config = fit_config(["--config", stem, "--data.source", str(tmp_path)])
+        trainable, total = trainable_parameters(config.model)
         row = next(line for line in readme.splitlines() if f"`{stem}`" in line)
         assert f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M" in row, row
 
 
-def test_recipes_command_lists_and_shows(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(console, "width", 200)
-    assert main(["recipes"]) == 0
+def test_recipes_read_well_at_80_columns(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(console, "width", 80)
+    rows = recipes_command()
     listed = capsys.readouterr().out
-    assert all(p.stem in listed for p in RECIPES)
-    assert main(["recipes", "dinov2_vitb14_reg4"]) == 0
-    assert "vit_base_patch14_dinov2" in capsys.readouterr().out
-    assert main(["recipes", "dinov2_vitb14_reg5"]) == 1
+    assert max(len(line) for line in listed.splitlines()) <= 80 and len(rows) == len(RECIPES)
+    for row in rows:  # names whole, never broken inside a word; the trainable count shown for each
+        assert re.search(rf"^{row['recipe']} +{re.escape(row['backbone'])} *$", listed, re.MULTILINE), row
+    assert listed.count("trains ") == len(RECIPES) and listed.count(" parameters") == len(RECIPES)
+
+
+def _comment_words(text: str) -> list[str]:
+    return [w for line in text.splitlines() if "#" in line for w in line.split("#", 1)[1].split()]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_folded_recipe_fits_80_columns_and_keeps_every_word(path: Path) -> None:
+    text = path.read_text()
+    folded = fold_comments(text, 80)
+    assert yaml.safe_load(folded) == yaml.safe_load(text) and _comment_words(folded) == _comment_words(text)
+    assert max(len(line) for line in folded.splitlines()) <= 80
+
+
+def test_recipe_shows_the_whole_yaml_and_its_parameter_count(capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(console, "width", 80)
+    assert main(["recipe", "dinov2_vitb14_reg4"]) == 0
+    shown = capsys.readouterr().out
+    path = recipes_dir() / "dinov2_vitb14_reg4.yaml"
+    assert fold_comments(path.read_text(), 80) in shown  # every comment whole, wrapped between words
+    assert max(len(line) for line in shown.splitlines()[1:]) <= 80  # the first line names the file's path
+    assert "trains 8.60M of 86.6M parameters" in shown
+    assert main(["recipe", "dinov2_vitb14_reg5"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no recipe 'dinov2_vitb14_reg5'" in err
+    assert err.count("\n") == 1 and "no recipe or config file 'dinov2_vitb14_reg5'" in err

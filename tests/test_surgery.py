@@ -10,7 +10,7 @@ from retrofit import RetrofitError, add_registers, count_registers
 from retrofit.features import forward_tokens
 from retrofit.surgery import register_key_mask, register_slice
 
-from .conftest import perturb_
+from .helpers import perturb_
 
 # CPU-friendly variants of the families users retrofit: DINOv2 (layer scale), CLIP (pre-norm),
 # DeiT-III (no_embed_class already), EVA02 (RoPE, SwiGLU), a class-token-free ViT, a dynamic-size ViT,

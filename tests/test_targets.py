@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from retrofit import RetrofitError, patch_features
 from retrofit.targets import DenoisedTargets, TargetSettings, Views, crop_center, farthest_point_offsets
 
-from .conftest import perturb_
+from .helpers import perturb_
 
 PLAIN = TargetSettings(keep_clean_tokens=False, drop_outlier_views=False)
 ARTIFACTS = [(2, 3), (5, 5), (6, 1), (0, 7)]  # grid positions of the planted artifacts

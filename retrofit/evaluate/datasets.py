@@ -25,17 +25,26 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import datasets
 import numpy as np
 import torch
 from PIL import Image
-from rich.progress import track
 from torch import nn
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
 
-from ..errors import RetrofitError, first_line
-from ..images import data_config, eval_transform, list_images, open_rgb
+from ..errors import RetrofitError
+from ..hf import open_split
+from ..images import (
+    ImageLog,
+    UnreadableImage,
+    data_config,
+    decode_cell,
+    eval_transform,
+    list_images,
+    open_rgb,
+    undecoded,
+)
+from ..progress import track
 
 BoxFormat = Literal["xyxy", "xywh"]
 Target = tv_tensors.BoundingBoxes | tv_tensors.Mask
@@ -45,11 +54,15 @@ IMAGES_DIR, MASKS_DIR = "images", "masks"
 
 
 class EvalDataset(Sequence[Sample]):
-    """Samples read only when indexed, so a large evaluation set never sits in memory at once."""
+    """Samples read only when indexed, so a large evaluation set never sits in memory at once.
+
+    :func:`batches` skips samples whose image or mask cannot be read and records them in ``log``.
+    """
 
     def __init__(self, keys: Sequence[str], read: Callable[[int], tuple[Image.Image, Target]]) -> None:
         self.keys = list(keys)
         self._read = read
+        self.log = ImageLog()
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -79,9 +92,8 @@ def box_dataset(
         boxes = Path(spec, BOXES_FILE)
     if boxes is not None:
         return _folder_boxes(Path(spec), Path(boxes), box_format)
-    return _hf_dataset(
-        spec, split, image_column, boxes_column, lambda raw, image, where: _boxes(raw, box_format, image, where)
-    )
+    return _hf_dataset(spec, split, image_column, boxes_column, "boxes_column",
+                       lambda raw, image, where: _boxes(raw, box_format, image, where))
 
 
 def mask_dataset(
@@ -100,7 +112,7 @@ def mask_dataset(
         spec, masks = Path(spec, IMAGES_DIR), Path(spec, MASKS_DIR)
     if masks is not None:
         return _folder_masks(Path(spec), Path(masks))
-    return _hf_dataset(spec, split, image_column, mask_column, _mask)
+    return _hf_dataset(spec, split, image_column, mask_column, "mask_column", _mask)
 
 
 def batches(
@@ -112,7 +124,8 @@ def batches(
 ) -> Iterator[tuple[list[str], torch.Tensor, list[Target]]]:
     """(keys, images on the model's device and dtype, targets in crop pixels), ``batch_size`` at a time.
 
-    ``progress`` is a description to show a rich progress bar under, or None for none.
+    Unreadable samples are left out and counted in ``dataset.log``, as training does; a dataset with
+    none readable is an error. ``progress`` is a description to show a rich progress bar under, or None.
     """
     if batch_size < 1:
         raise RetrofitError(f"batch_size must be >= 1, got {batch_size}.")
@@ -121,11 +134,26 @@ def batches(
     tf = eval_transform(img_size, **data_config(model))
     ref = next(model.parameters())
     steps = range(0, len(dataset), batch_size)
-    for start in track(steps, description=progress) if progress else steps:
-        samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+    readable = 0
+    for start in track(steps, progress or "", enabled=progress is not None):
+        samples = [s for i in range(start, min(start + batch_size, len(dataset))) if (s := _sample(dataset, i))]
+        if not samples:
+            continue
+        readable += len(samples)
         pairs = [tf(image, target) for _, image, target in samples]
         images = torch.stack([x for x, _ in pairs]).to(device=ref.device, dtype=ref.dtype)
         yield [key for key, _, _ in samples], images, [t for _, t in pairs]
+    if not readable:
+        raise RetrofitError(f"none of the {len(dataset)} evaluation images could be read ({dataset.log.kinds()}): "
+                            "remove or replace them.")
+
+
+def _sample(dataset: EvalDataset, i: int) -> Sample | None:
+    try:
+        return dataset[i]
+    except UnreadableImage as e:
+        dataset.log.add(skipped=[(dataset.keys[i], e.kind)])
+        return None
 
 
 def _folder_boxes(root: Path, boxes_file: Path, box_format: BoxFormat) -> EvalDataset:
@@ -199,7 +227,8 @@ def _folder_masks(images_root: Path, masks_root: Path) -> EvalDataset:
             with Image.open(path) as m:
                 return image, _mask(m, image, str(path))
         except OSError as e:
-            raise RetrofitError(f"cannot read mask {path} ({type(e).__name__}): remove or replace the file.") from e
+            raise UnreadableImage(f"cannot read mask {path} ({type(e).__name__}): remove or replace the file.",
+                                  "unreadable mask") from e
 
     return EvalDataset(keys, read)
 
@@ -225,10 +254,13 @@ def _hf_dataset(
     split: str | None,
     image_column: str,
     target_column: str,
+    target_option: str,
     to_target: Callable[[Any, Image.Image, str], Target],
 ) -> EvalDataset:
-    """Rows of a Hugging Face dataset as samples; ``target_column`` may be dotted into a struct column."""
-    ds = _open_hf(spec, split, (image_column, target_column.split(".")[0]))
+    """Rows of a Hugging Face dataset as samples; ``target_column`` (the setting ``target_option``) may be
+    dotted into a struct column."""
+    columns = {"image_column": image_column, target_option: target_column.split(".")[0]}
+    ds = undecoded(open_split(spec, split, columns=columns), image_column)
 
     def read(i: int) -> tuple[Image.Image, Target]:
         row = ds[i]
@@ -236,48 +268,6 @@ def _hf_dataset(
         return image, to_target(_dig(row, target_column), image, f"row {i} of {spec}")
 
     return EvalDataset([f"{split or 'row'}/{i}" for i in range(len(ds))], read)
-
-
-def _open_hf(spec: str | Path, split: str | None, columns: Sequence[str]) -> datasets.Dataset:
-    """A Dataset from ``save_to_disk`` output or ``load_dataset``, with the needed columns checked."""
-    path = Path(spec)
-    try:
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            ds = datasets.load_from_disk(str(path))
-        else:
-            ds = datasets.load_dataset(str(spec), split=split)
-    except Exception as e:  # any loader failure means the spec does not name a dataset here; say so in one line
-        reason = _root_cause(e)
-        raise RetrofitError(
-            f"cannot open dataset {str(spec)!r} ({reason}): pass an image folder, a save_to_disk folder "
-            "or a Hugging Face dataset name."
-        ) from e
-    if isinstance(ds, datasets.DatasetDict):
-        ds = _pick_split(ds, split, spec)
-    absent = [c for c in columns if c not in ds.column_names]
-    if absent:
-        raise RetrofitError(
-            f"dataset {str(spec)!r} has no column {absent[0]!r} (columns: {', '.join(ds.column_names)}): "
-            "name the right one with image_column / boxes_column / mask_column."
-        )
-    return ds
-
-
-def _root_cause(e: BaseException) -> str:
-    """First line of the innermost exception: datasets wraps the useful message in generic ones."""
-    while e.__cause__ or e.__context__:
-        e = e.__cause__ or e.__context__
-    return first_line(e)
-
-
-def _pick_split(dd: datasets.DatasetDict, split: str | None, spec: str | Path) -> datasets.Dataset:
-    if split is None and len(dd) == 1:
-        return next(iter(dd.values()))
-    if split not in dd:
-        raise RetrofitError(
-            f"dataset {str(spec)!r} has splits {', '.join(dd)}: choose one with split=... (got {split!r})."
-        )
-    return dd[split]
 
 
 def _dig(row: dict[str, Any], dotted: str) -> Any:
@@ -291,9 +281,9 @@ def _dig(row: dict[str, Any], dotted: str) -> Any:
 
 
 def _hf_image(value: Any, column: str) -> Image.Image:
-    if not isinstance(value, Image.Image):
+    if not isinstance(value, (dict, Image.Image)):  # an Image column's cells are PIL images or {bytes, path}
         raise RetrofitError(
             f"column {column!r} holds {type(value).__name__}, not images: cast it with datasets.Image() "
             "or name the image column with image_column."
         )
-    return value.convert("RGB")
+    return decode_cell(value)[0]

@@ -3,7 +3,7 @@
 LOST needs no labels: in the last block's attention keys, background patches resemble many other
 patches while an object's patches resemble few, so the patch with the fewest positive key
 correlations seeds the object. High-norm artifact tokens break exactly this (DINOv2: 35.3 CorLoc
-on VOC07, 55.4 with registers; DESIGN.md section 1), which is why retrofit reports it.
+on VOC07, 55.4 with registers; docs/method.md), which is why retrofit reports it.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from scipy import ndimage
 from torch import nn
 from torchvision.ops import box_iou
 
+from ..attention import last_block_qk
 from ..errors import RetrofitError
 from ..features import grid_size, patch_size, square_size
-from ..maps import last_block_qk
 from .datasets import EvalDataset, batches, box_dataset
 
 Box = tuple[float, float, float, float]
@@ -89,8 +89,9 @@ def evaluate_lost(
 
     ``dataset`` is an :func:`box_dataset` or a spec it opens with its defaults. Images are resized
     and centre-cropped to ``img_size`` (default: the model's) with their boxes; an image whose boxes
-    all fall outside the crop cannot be scored and is counted in ``skipped``. Returns ``corloc``,
-    ``n`` (scored images), ``skipped`` and ``per_image`` entries ``{key, box, iou, hit}``.
+    all fall outside the crop cannot be scored and is counted in ``skipped``; an unreadable one is left
+    out and counted in ``unreadable`` (details in ``dataset.log``). Returns ``corloc``, ``n`` (scored
+    images), ``skipped``, ``unreadable`` and ``per_image`` entries ``{key, box, iou, hit}``.
     """
     data = dataset if isinstance(dataset, EvalDataset) else box_dataset(dataset)
     size = square_size(model, img_size)
@@ -113,5 +114,6 @@ def evaluate_lost(
         "corloc": sum(p["hit"] for p in per_image) / len(per_image),
         "n": len(per_image),
         "skipped": skipped,
+        "unreadable": len(data.log),
         "per_image": per_image,
     }

@@ -18,8 +18,8 @@ from torch import nn
 from torchmetrics import JaccardIndex
 
 from ..errors import RetrofitError
-from ..features import patch_features, square_size
-from ..maps import inference
+from ..features import inference, patch_features, square_size
+from ..progress import track
 from .datasets import EvalDataset, batches, mask_dataset
 
 IGNORE = 255
@@ -50,7 +50,8 @@ def _logits(head: nn.Linear, feats: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _train_head(
-    feats: torch.Tensor, masks: torch.Tensor, num_classes: int, epochs: int, lr: float, batch_size: int, seed: int
+    feats: torch.Tensor, masks: torch.Tensor, num_classes: int, epochs: int, lr: float, batch_size: int, seed: int,
+    progress: bool = False,
 ) -> tuple[nn.Linear, float]:
     """Fit the linear head with AdamW and cross-entropy; returns it and the last epoch's mean loss."""
     generator = torch.Generator().manual_seed(seed)
@@ -60,7 +61,7 @@ def _train_head(
         head.bias.zero_()
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr)
     loss_sum = 0.0
-    for _ in range(epochs):
+    for _ in track(range(epochs), "training the linear head (epochs)", enabled=progress):
         loss_sum = 0.0
         for idx in torch.randperm(len(feats), generator=generator).split(batch_size):
             logits = _logits(head, feats[idx], masks.shape[-1])
@@ -107,7 +108,7 @@ def evaluate_probe(
     std (an affine map a linear head could absorb; it only speeds up optimisation). The model runs
     in eval mode and is handed back in its own mode. Returns ``miou``, ``per_class_iou`` (None for
     classes in neither prediction nor ground truth), ``accuracy`` (pixel), ``train_loss``,
-    ``n_train``, ``n_val``.
+    ``n_train``, ``n_val`` and ``unreadable`` (samples left out of either set, details in their ``log``).
     """
     if num_classes < 2 or epochs < 1 or lr <= 0:
         raise RetrofitError(
@@ -121,10 +122,11 @@ def evaluate_probe(
     )
     mean, std = train_x.mean((0, 1, 2)), train_x.std((0, 1, 2)).clamp(min=1e-6)
     train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
-    head, loss = _train_head(train_x, train_y, num_classes, epochs, lr, batch_size, seed)
+    head, loss = _train_head(train_x, train_y, num_classes, epochs, lr, batch_size, seed, progress)
     return {
         **_scores(head, val_x, val_y, num_classes, batch_size),
         "train_loss": loss,
         "n_train": len(train_x),
         "n_val": len(val_x),
+        "unreadable": sum(len(d.log) for d in sets),
     }

@@ -1,0 +1,224 @@
+"""The functions behind `retrofit diagnose`, `eval lost|probe`, `export` and `demo`.
+
+Each takes what a command line gives (model specs, folders, numbers), calls the library, prints a
+table or a line with rich and returns the result. jsonargparse builds each command's options from the
+signature and the docstring (:mod:`retrofit.cli`), so both are the command's documentation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from rich.console import Console
+from rich.table import Table
+
+from . import hub
+from .backbones import load_backbone
+from .callbacks import RegisterExport
+from .demo import run_demo
+from .diagnose import REPORT_NAME, diagnose, render_table
+from .evaluate import box_dataset, evaluate_lost, evaluate_probe, mask_dataset
+from .features import square_size
+from .files import write_json
+from .images import ImageLog, list_images, load_readable
+from .module import RetrofitModule
+from .page import PAGE_NAME
+from .surgery import count_registers
+
+console = Console()
+
+
+def _label(spec: str) -> str:
+    return Path(spec).name or spec
+
+
+def diagnose_command(
+    model: str,
+    *,
+    images: str,
+    out: str = "diagnose_out",
+    compare: str | None = None,
+    checkpoint: str | None = None,
+    compare_checkpoint: str | None = None,
+    img_size: int | None = None,
+    max_images: int = 8,
+    k: float = 3.0,
+    threshold: float | None = None,
+    layers: list[int] | None = None,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Measure a model's artifacts: per-layer norm table, index.html, diagnose.json and one PNG of maps per image.
+
+    Args:
+        model: timm name, export directory, or timm name with --checkpoint (see retrofit.load_backbone).
+        images: folder of images (searched recursively).
+        out: folder for index.html (the report on one page), diagnose.json and the PNGs.
+        compare: a second model shown beside the first (e.g. the original vs the retrofitted one).
+        checkpoint: local weights file for a timm name in MODEL.
+        compare_checkpoint: local weights file for a timm name in --compare.
+        img_size: square input size (default: the model's own).
+        max_images: use the first N readable images of the folder (unreadable ones are skipped and counted).
+        k: outlier factor: norm above k x (or below 1/k x) the image median.
+        threshold: absolute norm threshold for high-norm outliers instead of k (e.g. 150 as in Darcet et al.).
+        layers: block indices to measure (default: all).
+        batch_size: images per forward.
+    """
+    first = load_backbone(model, checkpoint)
+    second = None if compare is None else load_backbone(compare, compare_checkpoint)
+    unusable = ImageLog()
+    batch, paths = load_readable(list_images(images), square_size(first, img_size), first, max_images,
+                                 Path(images), unusable)
+    labels = (_label(model), _label(compare or ""))
+    labels = labels if compare is None or labels[0] != labels[1] else ("model", "compare")
+    names = [p.relative_to(images).as_posix() for p in paths]
+    report = diagnose(first, batch, out, second, k=k, layers=layers, names=names, labels=labels,
+                      threshold=threshold, batch_size=batch_size, progress=True)
+    console.print(render_table(report))
+    _print_unusable(unusable)
+    console.print(f"wrote {Path(out) / PAGE_NAME} (the report on one page: open it in a browser), "
+                  f"{REPORT_NAME} and {len(report['figures'])} figures", soft_wrap=True)
+    return report
+
+
+def _print_unusable(log: ImageLog) -> None:
+    """The one-line account of skipped (and converted) images, as fit reports them."""
+    if (line := log.summary()) is not None:
+        console.print(line, highlight=False, soft_wrap=True)
+
+
+def _report(title: str, result: dict[str, Any], out: str | None, shown: Sequence[str]) -> dict[str, Any]:
+    table = Table("metric", "value", title=title)
+    for name in shown:
+        value = result[name]
+        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    if out is not None:
+        console.print(f"wrote {write_json(result, out)}", soft_wrap=True)
+    return result
+
+
+def eval_lost_command(
+    model: str,
+    *,
+    dataset: str,
+    checkpoint: str | None = None,
+    boxes: str | None = None,
+    box_format: Literal["xyxy", "xywh"] = "xyxy",
+    split: str | None = None,
+    img_size: int | None = None,
+    k: int = 100,
+    batch_size: int = 16,
+    out: str | None = None,
+) -> dict[str, Any]:
+    """LOST object discovery: CorLoc of the box found from the last block's keys (Simeoni et al.).
+
+    Args:
+        model: timm name, export directory, or timm name with --checkpoint (see retrofit.load_backbone).
+        dataset: image folder with boxes.json, or a Hugging Face dataset (saved folder or hub name).
+        checkpoint: local weights file for a timm name in MODEL.
+        boxes: JSON {"relative/path.jpg": [[x0, y0, x1, y1], ...]} for an image folder.
+        box_format: xyxy (VOC corners) or xywh (COCO).
+        split: dataset split for Hugging Face data.
+        img_size: square evaluation size (default: the model's own).
+        k: LOST's number of seed-expansion patches.
+        batch_size: images per forward.
+        out: write the full result (per-image boxes) to this JSON file.
+    """
+    backbone = load_backbone(model, checkpoint)
+    data = box_dataset(dataset, boxes, box_format, split)
+    result = evaluate_lost(backbone, data, img_size=img_size, k=k, batch_size=batch_size, progress=True)
+    _print_unusable(data.log)
+    return _report(f"LOST on {dataset}", result, out, ("corloc", "n", "skipped", "unreadable"))
+
+
+def eval_probe_command(
+    model: str,
+    *,
+    train: str,
+    val: str,
+    num_classes: int,
+    checkpoint: str | None = None,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    img_size: int | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    out: str | None = None,
+) -> dict[str, Any]:
+    """Linear-probe segmentation: a linear head on frozen patch features, mIoU on the validation set.
+
+    Args:
+        model: timm name, export directory, or timm name with --checkpoint (see retrofit.load_backbone).
+        train: training masks: a folder with images/ and masks/, or a Hugging Face dataset.
+        val: validation masks, same forms as train.
+        num_classes: number of classes (mask value 255 is ignored).
+        checkpoint: local weights file for a timm name in MODEL.
+        epochs: passes of the linear head over the training features.
+        lr: learning rate of the linear head.
+        img_size: square evaluation size (default: the model's own).
+        batch_size: images per forward.
+        seed: seeds the head's init and order.
+        out: write the full result (per-class IoU) to this JSON file.
+    """
+    backbone = load_backbone(model, checkpoint)
+    train_set, val_set = mask_dataset(train), mask_dataset(val)
+    result = evaluate_probe(backbone, train_set, val_set, num_classes, epochs=epochs, lr=lr,
+                            img_size=img_size, batch_size=batch_size, seed=seed, progress=True)
+    for data in (train_set, val_set):
+        _print_unusable(data.log)
+    return _report(f"Linear probe on {val}", result, out,
+                   ("miou", "accuracy", "train_loss", "n_train", "n_val", "unreadable"))
+
+
+def export_command(
+    checkpoint: str,
+    *,
+    out: str,
+    backbone: str | None = None,
+    overwrite: bool = False,
+    diagnose: str | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
+) -> Path:
+    """Turn a training checkpoint (.ckpt from fit) into a timm-native model directory (LoRA merged).
+
+    Args:
+        checkpoint: Lightning .ckpt written by retrofit fit.
+        out: directory to write (model.safetensors, config.json, README.md model card);
+            timm.create_model('local-dir:OUT', pretrained=True) reads it.
+        backbone: timm name of the original model, when the run started from a Python model object.
+        overwrite: replace an existing non-empty OUT.
+        diagnose: folder (or diagnose.json) of `retrofit diagnose MODEL --compare ORIGINAL`: its
+            before/after numbers go into the model card.
+        push_to_hub: also upload OUT to this Hugging Face Hub repo (USER/NAME) with timm's push_to_hf_hub;
+            timm.create_model('hf-hub:USER/NAME', pretrained=True) then loads it. Needs `hf auth login`.
+        private: create the Hub repo as private.
+    """
+    if push_to_hub is not None:
+        hub.check_repo(push_to_hub)
+    module, record = RetrofitModule.from_checkpoint(checkpoint, backbone)
+    step = int(record.get("global_step", 0))
+    path = module.export(out, overwrite=overwrite, diagnose_report=diagnose, repo_id=push_to_hub,
+                         **{**RegisterExport.saved_facts(record), "step": step})
+    registers = count_registers(module.student_vit)
+    console.print(f"exported {path} ({registers} registers in total, step {step})", soft_wrap=True)
+    if push_to_hub is not None:
+        with console.status(f"pushing {path} to the Hugging Face Hub as {push_to_hub}"):
+            url = hub.push_to_hub(path, push_to_hub, private=private)
+        console.print(f"pushed: {url}\nload it with timm.create_model(\"hf-hub:{push_to_hub}\", pretrained=True)",
+                      soft_wrap=True)
+    return path
+
+
+def demo_command(out: str = "demo_out", steps: int = 100, num_images: int = 48, overwrite: bool = True) -> dict:
+    """Offline demo: retrofit a small ViT with planted (synthetic) artifacts; before/after maps and numbers.
+
+    Args:
+        out: folder for maps/ (before/after PNGs), metrics.json and model/ (the timm-native export).
+        steps: training steps (fewer: faster, less clean).
+        num_images: synthetic training images to make.
+        overwrite: replace the results of an earlier demo in OUT.
+    """
+    return run_demo(out, steps=steps, num_images=num_images, overwrite=overwrite, console=console)
