@@ -20,10 +20,10 @@ from typing import Any
 
 import timm
 import torch
+from common import Trainee, make_batch, peak_memory, target_quality
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import Trainee, make_batch, peak_memory, target_quality
 from retrofit.features import grid_size, patch_features, patch_size
 from retrofit.metrics import outlier_mask
 from retrofit.module import RetrofitModule

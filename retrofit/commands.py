@@ -1,4 +1,4 @@
-"""The functions behind `retrofit diagnose`, `eval lost|probe`, `export` and `demo`.
+"""The functions behind `retrofit diagnose`, `neurons`, `eval lost|probe`, `export` and `demo`.
 
 Each takes what a command line gives (model specs, folders, numbers), calls the library, prints a
 table or a line with rich and returns the result. jsonargparse builds each command's options from the
@@ -7,23 +7,27 @@ signature and the docstring (:mod:`retrofit.cli`), so both are the command's doc
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
 from . import hub
 from .backbones import load_backbone
 from .callbacks import RegisterExport
 from .demo import run_demo
-from .diagnose import REPORT_NAME, diagnose, render_table
+from .diagnose import REPORT_NAME, diagnose, render_repair, render_table
 from .evaluate import box_dataset, evaluate_lost, evaluate_probe, mask_dataset
 from .features import square_size
 from .files import write_json
 from .images import ImageLog, list_images, load_readable
 from .module import RetrofitModule
+from .neurons import RegisterNeurons, find_register_neurons, test_time_registers
 from .page import PAGE_NAME
 from .surgery import count_registers
 
@@ -32,6 +36,11 @@ console = Console()
 
 def _label(spec: str) -> str:
     return Path(spec).name or spec
+
+
+def _with_registers(model: nn.Module, ttr: str | None) -> AbstractContextManager[nn.Module]:
+    """``model`` with test-time registers from a ``retrofit neurons`` file, or as it is."""
+    return nullcontext(model) if ttr is None else test_time_registers(model, RegisterNeurons.load(ttr))
 
 
 def diagnose_command(
@@ -48,6 +57,9 @@ def diagnose_command(
     threshold: float | None = None,
     layers: list[int] | None = None,
     batch_size: int = 8,
+    ttr: str | None = None,
+    reference: str | None = None,
+    reference_checkpoint: str | None = None,
 ) -> dict[str, Any]:
     """Measure a model's artifacts: per-layer norm table, index.html, diagnose.json and one PNG of maps per image.
 
@@ -64,22 +76,83 @@ def diagnose_command(
         threshold: absolute norm threshold for high-norm outliers instead of k (e.g. 150 as in Darcet et al.).
         layers: block indices to measure (default: all).
         batch_size: images per forward.
+        ttr: register-neuron file from `retrofit neurons`: MODEL runs with test-time registers (no training);
+            without --compare, the plain MODEL is shown beside it.
+        reference: an artifact-free model to score against (cosine at the artifacts, next to them, elsewhere).
+        reference_checkpoint: local weights file for a timm name in --reference.
     """
     first = load_backbone(model, checkpoint)
     second = None if compare is None else load_backbone(compare, compare_checkpoint)
+    truth = None if reference is None else load_backbone(reference, reference_checkpoint)
     unusable = ImageLog()
     batch, paths = load_readable(list_images(images), square_size(first, img_size), first, max_images,
                                  Path(images), unusable)
     labels = (_label(model), _label(compare or ""))
     labels = labels if compare is None or labels[0] != labels[1] else ("model", "compare")
+    with_registers = first
+    if ttr is not None and second is None:  # before / after test-time registers
+        first, second = copy.deepcopy(first), first
+        with_registers, labels = second, (labels[0], f"{labels[0]} + test-time registers")
     names = [p.relative_to(images).as_posix() for p in paths]
-    report = diagnose(first, batch, out, second, k=k, layers=layers, names=names, labels=labels,
-                      threshold=threshold, batch_size=batch_size, progress=True)
+    with _with_registers(with_registers, ttr):
+        report = diagnose(first, batch, out, second, k=k, layers=layers, names=names, labels=labels,
+                          threshold=threshold, batch_size=batch_size, progress=True, reference=truth)
     console.print(render_table(report))
+    if (repair := render_repair(report)) is not None:
+        console.print(repair)
     _print_unusable(unusable)
     console.print(f"wrote {Path(out) / PAGE_NAME} (the report on one page: open it in a browser), "
                   f"{REPORT_NAME} and {len(report['figures'])} figures", soft_wrap=True)
     return report
+
+
+def neurons_command(
+    model: str,
+    *,
+    images: str,
+    out: str = "neurons.json",
+    checkpoint: str | None = None,
+    img_size: int | None = None,
+    max_images: int = 100,
+    top_k: int = 10,
+    max_block: int | None = None,
+    min_lift: float = 10.0,
+    k: float = 3.0,
+    batch_size: int = 8,
+) -> RegisterNeurons:
+    """Find the MLP units that make a model's artifacts (register neurons), for training-free test-time registers.
+
+    Args:
+        model: timm name, export directory, or timm name with --checkpoint (see retrofit.load_backbone).
+        images: folder of images (searched recursively); about 100 are enough.
+        out: JSON file for the units (use it with `diagnose --ttr` and `eval ... --ttr`).
+        checkpoint: local weights file for a timm name in MODEL.
+        img_size: square input size (default: the model's own); the units depend on it.
+        max_images: use the first N readable images of the folder.
+        top_k: keep at most this many units.
+        max_block: search blocks up to this one (default: the block where the artifacts start).
+        min_lift: keep units at least this many times more active at the artifacts than elsewhere.
+        k: outlier factor: norm above k x the image median.
+        batch_size: images per forward.
+    """
+    backbone = load_backbone(model, checkpoint)
+    unusable = ImageLog()
+    batch, _ = load_readable(list_images(images), square_size(backbone, img_size), backbone, max_images,
+                             Path(images), unusable)
+    found = find_register_neurons(backbone, batch, k=k, top_k=top_k, max_block=max_block, min_lift=min_lift,
+                                  batch_size=batch_size, progress=True)
+    console.print(f"{_label(model)}: {len(batch)} images, {100 * found.outlier_fraction:.2f}% high-norm outliers, "
+                  f"artifacts start at block {found.onset}", soft_wrap=True)
+    table = Table(title="Register neurons")
+    for head in ("block", "unit", "score", "sparsity"):
+        table.add_column(head, justify="right")
+    for block, unit, score, sparsity in found.rows():
+        table.add_row(str(block), str(unit), f"{score:.3g}", f"{100 * sparsity:.1f}%")
+    console.print(table)
+    _print_unusable(unusable)
+    console.print(f"wrote {found.save(out)}" if found.count else
+                  "no register neurons found (no artifacts, or none made by a few MLP units); nothing written")
+    return found
 
 
 def _print_unusable(log: ImageLog) -> None:
@@ -111,6 +184,7 @@ def eval_lost_command(
     k: int = 100,
     batch_size: int = 16,
     out: str | None = None,
+    ttr: str | None = None,
 ) -> dict[str, Any]:
     """LOST object discovery: CorLoc of the box found from the last block's keys (Simeoni et al.).
 
@@ -125,10 +199,12 @@ def eval_lost_command(
         k: LOST's number of seed-expansion patches.
         batch_size: images per forward.
         out: write the full result (per-image boxes) to this JSON file.
+        ttr: register-neuron file from `retrofit neurons`: evaluate MODEL with test-time registers.
     """
     backbone = load_backbone(model, checkpoint)
     data = box_dataset(dataset, boxes, box_format, split)
-    result = evaluate_lost(backbone, data, img_size=img_size, k=k, batch_size=batch_size, progress=True)
+    with _with_registers(backbone, ttr):
+        result = evaluate_lost(backbone, data, img_size=img_size, k=k, batch_size=batch_size, progress=True)
     _print_unusable(data.log)
     return _report(f"LOST on {dataset}", result, out, ("corloc", "n", "skipped", "unreadable"))
 
@@ -146,6 +222,7 @@ def eval_probe_command(
     batch_size: int = 16,
     seed: int = 0,
     out: str | None = None,
+    ttr: str | None = None,
 ) -> dict[str, Any]:
     """Linear-probe segmentation: a linear head on frozen patch features, mIoU on the validation set.
 
@@ -161,11 +238,13 @@ def eval_probe_command(
         batch_size: images per forward.
         seed: seeds the head's init and order.
         out: write the full result (per-class IoU) to this JSON file.
+        ttr: register-neuron file from `retrofit neurons`: evaluate MODEL with test-time registers.
     """
     backbone = load_backbone(model, checkpoint)
     train_set, val_set = mask_dataset(train), mask_dataset(val)
-    result = evaluate_probe(backbone, train_set, val_set, num_classes, epochs=epochs, lr=lr,
-                            img_size=img_size, batch_size=batch_size, seed=seed, progress=True)
+    with _with_registers(backbone, ttr):
+        result = evaluate_probe(backbone, train_set, val_set, num_classes, epochs=epochs, lr=lr,
+                                img_size=img_size, batch_size=batch_size, seed=seed, progress=True)
     for data in (train_set, val_set):
         _print_unusable(data.log)
     return _report(f"Linear probe on {val}", result, out,

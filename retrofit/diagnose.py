@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich import box
 from rich.table import Table
 from torch import Tensor, nn
@@ -20,7 +21,16 @@ from .errors import RetrofitError
 from .features import block_indices, inference, model_device, patch_features
 from .files import write_json
 from .maps import ImageMaps, compute_maps, display_rgb
-from .metrics import FeatureFidelity, OutlierFraction, PatchNormStats, PositionLeakage, outlier_masks, token_norms
+from .metrics import (
+    FeatureFidelity,
+    OutlierFraction,
+    PatchNormStats,
+    PositionLeakage,
+    outlier_mask,
+    outlier_masks,
+    repair_scores,
+    token_norms,
+)
 from .page import percent, write_page
 from .plots import plot_heads, plot_maps, save_figure
 from .progress import track
@@ -116,6 +126,18 @@ def _cosine(
     return {k: v.item() for k, v in fidelity.compute().items()}
 
 
+def _repair(models: Sequence[tuple[str, nn.Module]], reference: nn.Module, images: Tensor, k: float,
+            threshold: float | None, batch_size: int) -> dict[str, dict[str, float]]:
+    """Each model's patch cosine to the reference, at the first model's artifacts, next to them and elsewhere."""
+    grids = {}
+    for label, model in [*models, ("reference", reference)]:
+        with inference(model):
+            grids[label] = torch.cat([patch_features(model, images[i:i + batch_size].to(model_device(model))).cpu()
+                                      for i in range(0, len(images), batch_size)])
+    artifacts = outlier_mask(grids[models[0][0]], k, threshold)
+    return {label: repair_scores(grids[label], grids["reference"], artifacts) for label, _ in models}
+
+
 def _file_stems(names: Sequence[str]) -> list[str]:
     """Safe, unique, ordered file names: ``003_sub_dir_cat`` for image 3 named ``sub/dir/cat.jpg``."""
     return [f"{i:03d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', str(Path(n).with_suffix('')))}" for i, n in enumerate(names)]
@@ -176,6 +198,7 @@ def diagnose(
     norm: bool = True,
     batch_size: int = 8,
     progress: bool = False,
+    reference: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Artifact report of ``model`` (and ``compare``, e.g. before/after) on normalised ``images`` (N, 3, H, W).
 
@@ -187,7 +210,9 @@ def diagnose(
     per head, for models with a class token) and ``diagnose.json`` holding the report and every
     figure's data under ``"figures"``, and ``index.html``: the whole report on one self-contained page.
     With ``compare``, ``"cosine"`` is the patch cosine (mean, 5th percentile) of ``compare``'s final
-    features to ``model``'s. ``progress`` shows rich progress bars. Returns the report.
+    features to ``model``'s. With ``reference`` (an artifact-free model, e.g. a synthetic model's twin),
+    ``"repair"`` holds each model's :func:`retrofit.metrics.repair_scores` against it, at the positions that
+    are artifacts in ``model``. ``progress`` shows rich progress bars. Returns the report.
     """
     _check_inputs(images, names, labels, compare)
     names = [f"image{i}" for i in range(len(images))] if names is None else [str(n) for n in names]
@@ -203,6 +228,8 @@ def diagnose(
     }
     if compare is not None:
         report["cosine"] = _cosine(models, images, norm, batch_size, progress)
+    if reference is not None:
+        report["repair"] = _repair(models, reference, images, k, threshold, batch_size)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -242,4 +269,17 @@ def render_table(report: dict[str, Any]) -> Table:
         + ("" if s["class_token"] else f", {NO_CLS_NOTE}")
         for s in models
     )
+    return table
+
+
+def render_repair(report: dict[str, Any]) -> Table | None:
+    """Each model's patch cosine to the artifact-free reference, where the artifacts were and around them."""
+    if not report.get("repair"):
+        return None
+    table = Table(box=box.SIMPLE_HEAD, title="Patch cosine to the reference (artifact-free) model")
+    table.add_column("model", overflow="fold")
+    for head in ("all", "p5", "artifacts", "neighbours", "elsewhere"):
+        table.add_column(head, justify="right", no_wrap=True)
+    for label, scores in report["repair"].items():
+        table.add_row(label, *(f"{scores[key]:.3f}" for key in ("all", "p5", "artifacts", "neighbours", "elsewhere")))
     return table

@@ -297,3 +297,27 @@ def artifact_onset(fractions: Sequence[float], min_fraction: float = 0.002) -> i
     if peak < min_fraction:
         return None
     return next(i for i, f in enumerate(fractions) if f >= peak / 2)
+
+
+def neighbours(mask: Tensor) -> Tensor:
+    """(B, H, W) bool: the 8-neighbourhood of ``mask``'s tokens, without those tokens."""
+    grown = F.max_pool2d(mask.float()[:, None], kernel_size=3, stride=1, padding=1)[:, 0].bool()
+    return grown & ~mask
+
+
+def repair_scores(features: Tensor, reference: Tensor, artifacts: Tensor) -> dict[str, float]:
+    """Patch cosine to artifact-free reference features, over all tokens and where the artifacts did their harm.
+
+    ``artifacts`` (B, H, W) marks the artifact positions of the model before repair. Keys: ``all``, ``p5`` (5th
+    percentile), ``artifacts``, ``neighbours`` (their 8 neighbours: what attention spread the harm to) and
+    ``elsewhere``; NaN for an empty set.
+    """
+    cos = patch_cosine(features, reference)
+    near = neighbours(artifacts)
+    rest = ~artifacts & ~near
+
+    def mean(mask: Tensor) -> float:
+        return cos[mask].mean().item() if mask.any() else float("nan")
+
+    return {"all": cos.mean().item(), "p5": quantile(cos.flatten(), 0.05).item(), "artifacts": mean(artifacts),
+            "neighbours": mean(near), "elsewhere": mean(rest)}

@@ -46,7 +46,7 @@ def _starts(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
 
 
-def auto_blocks(depth: int, onset: int | None) -> list[int]:
+def auto_blocks(onset: int | None) -> list[int]:
     """Blocks the ``auto`` preset trains: the block where the artifacts start (they are made there, by a few MLP
     units); none for a model without artifacts."""
     return [] if onset is None else [onset]
@@ -63,7 +63,8 @@ def trainable_prefixes(model: nn.Module, freeze: FreezePreset, last_k: int = 1, 
     depth = len(model.blocks)
     tokens = [n for n in ("reg_token", "pos_embed") if getattr(model, n, None) is not None]
     if freeze == "auto":  # registers and the block that makes the artifacts; nothing else to drift
-        return ["reg_token"] * (getattr(model, "reg_token", None) is not None) + [f"blocks.{i}." for i in auto_blocks(depth, onset)]
+        registers = ["reg_token"] if getattr(model, "reg_token", None) is not None else []
+        return registers + [f"blocks.{i}." for i in auto_blocks(onset)]
     if freeze == "phreg":
         last = 2 if not isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity) else 1
         return tokens + [_PATCH_EMBED] + [f"blocks.{i}." for i in range(depth - last, depth)]
@@ -251,7 +252,6 @@ class RetrofitModule(L.LightningModule):
         h = self.hparams
         self.onset = onset
         self._apply_freeze()
-        depth = len(self.teacher.blocks)
         if h.loss_layers == "auto":  # the onset block's output: there the other tokens are not yet touched
             layers = () if onset is None else (onset,)
         else:
@@ -288,7 +288,7 @@ class RetrofitModule(L.LightningModule):
             dm.configure_for(self.teacher, self.targets.margin_patches(grid))
             self.margin = dm.margin
         if stage == "fit":
-            self.prepare(self._first_images(dm) if self.needs_images else None)
+            self.prepare(self._first_images() if self.needs_images else None)
 
     @property
     def needs_images(self) -> bool:
@@ -322,11 +322,10 @@ class RetrofitModule(L.LightningModule):
                 for block, units in self.neurons.units.items():
                     self.student_vit.blocks[block].mlp.fc2.weight[:, units] = 0
 
-    def _first_images(self, dm: Any) -> Tensor | None:
-        """The student's view of the first training batch, on the device the run uses (None without a datamodule)."""
-        if dm is None:
-            return None
-        batch = next(iter(dm.train_dataloader()))
+    def _first_images(self) -> Tensor:
+        """The student's view of the first training batch, on the device the run uses."""
+        # Lightning's own record of what fit was given: a datamodule, a loader or the module's hook
+        batch = next(iter(self.trainer.fit_loop._data_source.dataloader()))
         device = self.trainer.strategy.root_device
         self.teacher.to(device)  # Lightning moves the whole module there next anyway
         return crop_center(batch["image"], self.margin * patch_size(self.teacher)[0]).to(device)
@@ -406,9 +405,13 @@ class RetrofitModule(L.LightningModule):
             checkpoint["state_dict"].pop(key, None)
         checkpoint["target_rng_state"] = self.targets.get_rng_state()
         checkpoint["onset_block"] = self.onset
+        checkpoint["register_neurons"] = None if self.neurons is None else self.neurons.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        if "register_neurons" in checkpoint:  # what the run found, not what this run's first batch would show
+            found = checkpoint["register_neurons"]
+            self.neurons = None if found is None else RegisterNeurons.from_dict(found)
         if "onset_block" in checkpoint:
             self._set_onset(checkpoint["onset_block"])
         if "target_rng_state" in checkpoint:

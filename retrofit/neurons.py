@@ -27,6 +27,7 @@ from .errors import RetrofitError
 from .features import block_indices, patch_features
 from .files import write_json
 from .metrics import artifact_onset, outlier_mask
+from .progress import track
 from .surgery import check_supported
 
 
@@ -57,16 +58,23 @@ class RegisterNeurons:
                 for u, s, p in zip(self.units[b], self.scores.get(b, []), self.sparsity.get(b, []), strict=True)]
         return sorted(rows, key=lambda r: -r[2])
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RegisterNeurons:
+        """Inverse of :meth:`to_dict`, also after a JSON round trip (block keys become strings there)."""
+        keyed = {name: {int(b): v for b, v in data.get(name, {}).items()} for name in ("units", "scores", "sparsity")}
+        return cls(**{**data, **keyed})
+
     def save(self, path: str | Path) -> Path:
-        return write_json(asdict(self), path)
+        return write_json(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> RegisterNeurons:
         """Read a file written by :meth:`save` (``retrofit neurons --out``)."""
         try:
-            data = json.loads(Path(path).read_text())
-            keyed = {name: {int(b): v for b, v in data.get(name, {}).items()} for name in ("units", "scores", "sparsity")}
-            return cls(**{**data, **keyed})
+            return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, ValueError, TypeError) as e:
             raise RetrofitError(f"{path} is not a register-neuron file ({type(e).__name__}): write one with "
                                 "`retrofit neurons MODEL --images DIR --out FILE`.") from e
@@ -104,6 +112,7 @@ def find_register_neurons(
     min_sparsity: float = 0.5,
     min_lift: float = 10.0,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> RegisterNeurons:
     """The MLP units that make ``model``'s high-norm artifacts, found on normalised ``images`` (N, 3, H, W).
 
@@ -113,7 +122,7 @@ def find_register_neurons(
     ``sparse_below`` on fewer than ``min_sparsity`` of all patch tokens - or whose score is less than
     ``min_lift`` x their mean |activation| on the other patch tokens are dropped (a unit busy everywhere is
     doing the model's ordinary work); the ``top_k`` highest-scoring remain. Any batch size gives the same
-    result.
+    result. ``progress`` shows a rich progress bar.
     """
     check_supported(model)
     if images.ndim != 4 or not len(images):
@@ -128,7 +137,7 @@ def find_register_neurons(
     layer_outliers = torch.zeros(depth, dtype=torch.float64)
     device = next(model.parameters()).device
     with torch.no_grad(), _recording(fc2s) as seen:
-        for start in range(0, len(images), batch_size):
+        for start in track(range(0, len(images), batch_size), "ranking MLP units", progress):
             batch = images[start:start + batch_size].to(device)
             grids = patch_features(model, batch, layers=list(range(depth)))
             mask = outlier_mask(grids[-1], k).flatten(1)  # (B, N) output outliers
@@ -185,7 +194,7 @@ def _move_to_registers(units: list[int], prefix: int, count: int):
 def _hide_keys(start: int, stop: int):
     """attn pre-hook (with kwargs): no query attends to tokens start..stop-1 (empty register slots)."""
 
-    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         x = args[0] if args else kwargs["x"]
         visible = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
         visible[start:stop] = False
@@ -246,7 +255,8 @@ def test_time_registers(model: nn.Module, neurons: RegisterNeurons, num_register
             if units:
                 stack.callback(fc2s[b].register_forward_pre_hook(_move_to_registers(units, prefix, count)).remove)
         for blk in model.blocks[:first]:
-            stack.callback(blk.attn.register_forward_pre_hook(_hide_keys(prefix, prefix + count), with_kwargs=True).remove)
+            hide = _hide_keys(prefix, prefix + count)
+            stack.callback(blk.attn.register_forward_pre_hook(hide, with_kwargs=True).remove)
         yield model
 
 

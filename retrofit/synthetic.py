@@ -107,7 +107,8 @@ def _plant_block(model: nn.Module, block: int | None) -> int:
     """The block to plant in (default: a third of the depth), after checking the model can take the circuit."""
     check_supported(model)
     plain = isinstance(model, VisionTransformer) and all(
-        type(b) is Block and type(b.mlp) is Mlp and b.mlp.fc1.bias is not None and isinstance(b.attn.q_norm, nn.Identity)
+        type(b) is Block and type(b.mlp) is Mlp and b.mlp.fc1.bias is not None
+        and isinstance(b.attn.q_norm, nn.Identity)
         for b in model.blocks
     )
     if not plain or model.pos_embed is None or not isinstance(model.norm, nn.LayerNorm):
@@ -365,10 +366,12 @@ def plant_artifacts(
     of the depth). ``strength``: artifact norm / median patch norm after the final norm.
     ``fraction``: share of the calibration images' patch tokens that become artifacts.
     ``position_weight``: how much the grid position decides where they fire, against the patch's texture
-    (0: content only). ``disturbance``: how much the artifacts change the other patch tokens, as 1 - their
-    mean cosine to the twin (later blocks read the artifact direction harder or softer to match). ``images``: normalised calibration images at the model's
-    resolution (default: synthetic ones). ``silent``: the same edited model with the artifact units'
-    output off - the artifact-free reference. The input model is not modified.
+    (0: content only; at 1 about half of them stay on the same content when it moves by a patch).
+    ``disturbance``: how much the artifacts change the other patch tokens, as 1 - their mean cosine to
+    the twin (later blocks read the artifact direction harder or softer to match; a pretrained model may
+    not go below its own minimum). ``images``: normalised calibration images at the model's resolution
+    (default: synthetic ones). ``silent``: the same edited model with the artifact units' output off - the
+    artifact-free reference. The input model is not modified.
     """
     block = _plant_block(model, block)
     if strength <= 1 or not 0 < fraction <= 0.2 or position_weight < 0 or not 0 <= disturbance < 0.5:

@@ -17,9 +17,9 @@ patches, so mapping every view back onto the original grid and averaging per pat
 from __future__ import annotations
 
 import contextlib
-import warnings
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 

@@ -13,30 +13,32 @@ from retrofit.api import retrofit
 from retrofit.data import RetrofitDataModule
 from retrofit.metrics import outlier_mask, patch_cosine
 from retrofit.synthetic import plant_artifacts, synthetic_images
-from retrofit.targets import DenoisedTargets, crop_center
+from retrofit.targets import crop_center
 
 QUIET = dict(enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
 NORM = dict(mean=(0.5,) * 3, std=(0.5,) * 3)  # test_vit's normalisation
 
 
-def test_planted_artifacts_are_removed_and_the_export_round_trips(tmp_path):
+def test_planted_artifacts_are_repaired_and_the_export_round_trips(tmp_path):
+    """The defaults repair the realistic artifact model: held-out features match its artifact-free twin, at the
+    artifacts too, and at a resolution it was not trained at."""
     torch.manual_seed(0)
     clean = timm.create_model("test_vit", pretrained=False, img_size=64, patch_size=8).eval()
-    planted = plant_artifacts(clean)
+    planted, twin = plant_artifacts(clean), plant_artifacts(clean, silent=True)
     train = synthetic_images(48, 80, seed=1, **NORM)  # 64 px for the student + a 1-patch margin
-    model = retrofit(
+    model = retrofit(  # a random-init toy learns faster than a pretrained ViT: a higher lr than the default
         planted, train, out_dir=tmp_path / "export", max_steps=100, batch_size=16, random_crop=False,
-        lr=1e-2, min_lr=5e-4, register_init="timm", cache_dir=str(tmp_path / "cache"), **QUIET,
+        lr=3e-3, min_lr=1.5e-4, cache_dir=str(tmp_path / "cache"), **QUIET,
     )
-    held = synthetic_images(32, 80, seed=2, **NORM)
-    center = crop_center(held, 8)
-    with torch.no_grad():
-        target = DenoisedTargets(planted)(held, margin=1).features
-        before, after = patch_features(planted, center), patch_features(model, center)
-        torch.testing.assert_close(patch_features(load(tmp_path / "export"), center), after)
-    assert 0.02 <= outlier_mask(before).float().mean() <= 0.05
-    assert outlier_mask(after).float().mean() < 0.001
-    assert patch_cosine(after, target).mean() >= 0.9
+    for held in (crop_center(synthetic_images(32, 80, seed=2, **NORM), 8), synthetic_images(16, 96, seed=3, **NORM)):
+        with torch.no_grad():
+            before, after, truth = (patch_features(m, held) for m in (planted, model, twin))
+            torch.testing.assert_close(patch_features(load(tmp_path / "export"), held), after)
+        artifacts = outlier_mask(before)
+        assert artifacts.float().mean() >= 0.015
+        assert outlier_mask(after).float().mean() < 0.005
+        cos = patch_cosine(after, truth)
+        assert cos.mean() >= 0.97 and cos[artifacts].mean() >= 0.9
     assert count_registers(model) == 4 and not model.training
 
 

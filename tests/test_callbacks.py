@@ -164,6 +164,8 @@ def test_with_retrofit_module_lora(tmp_path):
     assert torch.equal(watched.targets.get_rng_state(), plain.targets.get_rng_state())
     assert monitor.history[0]["outlier_high"] == pytest.approx(1 / 9)
     assert 0.5 < monitor.history[0]["fidelity_mean"] <= 1.0
+    first = monitor.history[0]  # the planted token, and what attention spread around it
+    assert first["fidelity_artifacts"] < first["fidelity_elsewhere"] and "fidelity_neighbours" in first
     x = torch.randn(1, 3, SIZE, SIZE)
     with torch.no_grad():
         expected = patch_features(watched.export_model(), x)

@@ -75,7 +75,7 @@ def test_fit_saves_resolved_config_checkpoint_metrics_and_timm_export(fitted: tu
     model = load(run / "model")
     assert count_registers(model) == 2
     info = json.loads((run / "model" / "config.json").read_text())["retrofit"]
-    assert (info["step"], info["freeze"], info["img_size"]) == (2, "phreg", SIZE)  # the run, for the model card
+    assert (info["step"], info["freeze"], info["img_size"]) == (2, "auto", SIZE)  # the run, for the model card
     assert "**Registers:** 2" in (run / "model" / "README.md").read_text()
     assert list((run / "checkpoints").glob("*.ckpt"))
     rows = list(csv.DictReader((run / "metrics.csv").open()))  # the README promises it beside TensorBoard's
@@ -196,7 +196,7 @@ def test_plain_fit_defaults_to_the_python_apis_1000_steps(tmp_path: Path) -> Non
 
 def test_fit_config_validates_without_building(workspace: dict[str, Path]) -> None:
     config = fit_config(fit_args(workspace, "x")[1:] + ["--model.targets.num_views", "3"])
-    assert config.model.targets.num_views == 3 and config.model.freeze == "phreg"
+    assert config.model.targets.num_views == 3 and config.model.freeze == "auto"
 
 
 def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,7 +14,7 @@ from retrofit import RetrofitError, patch_features
 from retrofit.data import RetrofitDataModule
 from retrofit.metrics import patch_cosine
 from retrofit.module import RetrofitModule, _lr_factor
-from retrofit.synthetic import synthetic_images
+from retrofit.synthetic import plant_artifacts, synthetic_images
 from retrofit.targets import TargetSettings
 
 from .helpers import perturb_
@@ -82,9 +82,25 @@ def test_freeze_preset_trains_exactly_what_it_names(freeze):
 
 
 def test_phreg_trains_two_blocks_of_a_pre_norm_clip_model():
-    module = RetrofitModule(vit(pre_norm=True), targets=FAST)
+    module = RetrofitModule(vit(pre_norm=True), freeze="phreg", targets=FAST)
     assert covered(trainable(module), {"reg_token", "pos_embed", "patch_embed."} | blocks(4, 5))
     assert any(n.startswith("blocks.4.") for n in trainable(module))
+
+
+def test_auto_trains_the_registers_and_the_block_where_the_artifacts_start():
+    torch.manual_seed(0)
+    planted = plant_artifacts(timm.create_model("test_vit", pretrained=False, img_size=32, patch_size=8).eval(),
+                              images=synthetic_images(32, 32, seed=2, mean=(0.5,) * 3, std=(0.5,) * 3))
+    module = RetrofitModule(planted, lr=1e-2, min_lr=1e-3, targets=FAST)
+    assert trainable(module) == {"reg_token"}  # until the data shows where the artifacts start
+    trainer(2).fit(module, datamodule=data(n=16))
+    assert module.onset == 2 and module.loss_layers == (2,)  # plant_artifacts' block: a third of the depth
+    assert covered(trainable(module), {"reg_token"} | blocks(2)) and any("blocks.2." in n for n in trainable(module))
+    assert module.neurons is not None and set(module.neurons.units) == {2}  # found, and used for the targets
+    assert module.targets.neurons is module.neurons
+    clean = RetrofitModule(vit(), targets=FAST)
+    trainer(1).fit(clean, datamodule=data())
+    assert clean.onset is None and clean.neurons is None and trainable(clean) == {"reg_token"}
 
 
 def test_lora_merges_into_a_plain_timm_model_with_identical_outputs():
@@ -166,9 +182,12 @@ class StopAt(L.Callback):
             trainer.should_stop = True
 
 
-@pytest.mark.parametrize("freeze", ["phreg", "lora"])
+@pytest.mark.parametrize("freeze", ["auto", "phreg", "lora"])
 def test_kill_and_resume_equals_the_uninterrupted_run(freeze, tmp_path):
-    teacher = vit()
+    torch.manual_seed(0)
+    teacher = vit() if freeze != "auto" else plant_artifacts(
+        timm.create_model("test_vit", pretrained=False, img_size=32, patch_size=8).eval(),
+        images=synthetic_images(32, 32, seed=2, mean=(0.5,) * 3, std=(0.5,) * 3))
     settings = dict(freeze=freeze, lr=1e-2, min_lr=1e-3, targets=TargetSettings(num_views=3, num_candidates=8))
 
     def run(steps, ckpt=None, callbacks=()):
@@ -188,6 +207,8 @@ def test_kill_and_resume_equals_the_uninterrupted_run(freeze, tmp_path):
     for (name, a), (_, b) in zip(full.student.state_dict().items(), resumed.student.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert torch.equal(full.targets.get_rng_state(), resumed.targets.get_rng_state())
+    assert (resumed.onset, resumed.neurons) == (full.onset, full.neurons)
+    assert freeze != "auto" or (full.onset == 2 and full.neurons is not None)
 
 
 def test_bf16_mixed_precision_on_cpu_trains():

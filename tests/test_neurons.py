@@ -115,3 +115,32 @@ def test_bad_input_is_one_line(planted, tmp_path):
         RegisterNeurons.load(tmp_path / "bad.json")
     with pytest.raises(RetrofitError, match="non-empty"):
         find_register_neurons(model, torch.zeros(0, 3, 64, 64))
+
+
+def test_cli_finds_units_and_scores_the_training_free_model(planted, tmp_path, capsys):
+    from PIL import Image
+
+    from retrofit import export
+    from retrofit.cli import main
+
+    _, model, twin = planted
+    export(model, tmp_path / "planted")
+    export(twin, tmp_path / "twin")
+    pixels = (synthetic_images(12, 64, seed=8, mean=(0,) * 3, std=(1,) * 3) * 255).round().byte()
+    (tmp_path / "images").mkdir()
+    for i, image in enumerate(pixels):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / "images" / f"{i}.png")
+    found = tmp_path / "neurons.json"
+    assert main(["neurons", str(tmp_path / "planted"), "--images", str(tmp_path / "images"), "--out", str(found)]) == 0
+    shown = capsys.readouterr().out
+    assert "block" in shown and "sparsity" in shown and "artifacts start at block 2" in shown
+    assert {(b, u) for b, us in RegisterNeurons.load(found).units.items() for u in us} == planted_units(model, twin)
+    out = tmp_path / "diagnose"
+    assert main(["diagnose", str(tmp_path / "planted"), "--images", str(tmp_path / "images"), "--ttr", str(found),
+                 "--reference", str(tmp_path / "twin"), "--out", str(out), "--max_images", "12"]) == 0
+    report = json.loads((out / "diagnose.json").read_text())
+    before, after = (m["layers"][-1]["high"] for m in report["models"])
+    assert before > 0.01 and after == 0
+    repair = list(report["repair"].values())
+    assert repair[1]["artifacts"] > 0.9 > repair[0]["artifacts"]
+    assert "Patch cosine to the reference" in capsys.readouterr().out

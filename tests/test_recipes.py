@@ -15,9 +15,10 @@ LEAF_KEY = re.compile(r"^\s*(- )?[\w_]+: \S")
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_recipe_validates_with_phreg_settings(path: Path, tmp_path: Path) -> None:
+def test_recipe_validates_with_phreg_schedule_and_repairing_defaults(path: Path, tmp_path: Path) -> None:
     config = fit_config(["--config", str(path), "--data.source", str(tmp_path)])
-    assert config.trainer.precision == "bf16-mixed" and config.model.freeze == "phreg"
+    assert config.trainer.precision == "bf16-mixed" and config.model.freeze == "auto"
+    assert config.model.loss_layers == "auto" and config.model.register_neurons == "auto"
     assert config.data.img_size == config.model.model_kwargs["img_size"]
     assert timm.is_model(config.model.backbone)
     family = "clip" if "clip" in path.stem else "dinov2" if "dinov2" in path.stem else "other"
@@ -42,14 +43,18 @@ def test_trainable_parameters_match_a_hand_count(tmp_path: Path) -> None:
     config = fit_config(["--model.backbone", "test_vit", "--model.num_registers", "4", "--data.source", str(tmp_path)])
     vit = timm.create_model("test_vit", pretrained=False, num_classes=0)
     dim, grid = vit.embed_dim, vit.patch_embed.num_patches
+    hand = 4 * dim + sum(p.numel() for p in vit.blocks[2].parameters())  # the new registers + one block (auto)
+    trainable, total = trainable_parameters(config.model)
+    assert trainable == hand
+    phreg = fit_config(["--model.backbone", "test_vit", "--model.num_registers", "4", "--model.freeze", "phreg",
+                        "--data.source", str(tmp_path)])
     hand = (
         4 * dim  # the new registers
         + grid * dim  # the patch part of the position embedding (the class part is folded into cls_token)
         + sum(p.numel() for p in vit.patch_embed.parameters())
         + sum(p.numel() for p in vit.blocks[-1].parameters())
     )
-    trainable, total = trainable_parameters(config.model)
-    assert trainable == hand
+    assert trainable_parameters(phreg.model)[0] == hand
     assert total == sum(p.numel() for p in vit.parameters()) - dim + 4 * dim  # pos_embed lost its class row
 
 
@@ -92,7 +97,7 @@ def test_recipe_shows_the_whole_yaml_and_its_parameter_count(capsys: pytest.Capt
     path = recipes_dir() / "dinov2_vitb14_reg4.yaml"
     assert fold_comments(path.read_text(), 80) in shown  # every comment whole, wrapped between words
     assert max(len(line) for line in shown.splitlines()[1:]) <= 80  # the first line names the file's path
-    assert "trains 8.60M of 86.6M parameters" in shown
+    assert "trains 7.09M of 86.6M parameters" in shown
     assert main(["recipe", "dinov2_vitb14_reg5"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no recipe or config file 'dinov2_vitb14_reg5'" in err

@@ -1,6 +1,7 @@
 """DenoisedTargets: re-alignment, fill masking, outlier-aware averaging, reproducibility."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import timm
@@ -8,11 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from retrofit import RetrofitError, patch_features
+from retrofit.metrics import outlier_mask
+from retrofit.neurons import find_register_neurons
+from retrofit.synthetic import plant_artifacts, synthetic_images
 from retrofit.targets import DenoisedTargets, TargetSettings, Views, crop_center, farthest_point_offsets
 
 from .helpers import perturb_
 
-PLAIN = TargetSettings(keep_clean_tokens=False, drop_outlier_views=False)
+# The algorithm by definition: float32 teacher, every view, no second pass with outliers hidden.
+EXACT = TargetSettings(bf16=False, min_clean_views=0, mask_outliers=False)
+PLAIN = replace(EXACT, keep_clean_tokens=False, drop_outlier_views=False)
 ARTIFACTS = [(2, 3), (5, 5), (6, 1), (0, 7)]  # grid positions of the planted artifacts
 
 
@@ -109,7 +115,7 @@ def test_planted_artifacts_are_removed_and_clean_tokens_kept():
         return cos.mean().item(), cos[:, mask].mean().item(), out
 
     plain_all, plain_art, _ = quality(PLAIN)
-    all_cos, art_cos, out = quality(TargetSettings())
+    all_cos, art_cos, out = quality(EXACT)
     assert outlier_fraction(out.features) == 0
     assert torch.allclose(out.features[:, ~mask], own[:, ~mask], atol=1e-6, rtol=0)
     assert torch.equal(out.coverage[:, ~mask], torch.ones(4, 60, dtype=torch.int32))
@@ -123,7 +129,7 @@ def test_clean_teacher_is_returned_exactly_with_one_forward():
     x = smooth_images(3, 128)
     seen = []
     hook = clean.patch_embed.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
-    out = DenoisedTargets(clean)(x)
+    out = DenoisedTargets(clean, replace(TargetSettings(), bf16=False))(x)
     hook.remove()
     assert seen == [3]
     assert torch.equal(out.features, patch_features(clean, x))
@@ -140,7 +146,7 @@ def test_adaptive_views_stop_once_outliers_are_covered():
     reference = patch_features(clean, crop_center(x, 16))
     seen = []
     hook = planted.patch_embed.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
-    out = DenoisedTargets(planted, TargetSettings(min_clean_views=1), layers=[1])(x, margin=1)
+    out = DenoisedTargets(planted, replace(EXACT, min_clean_views=1), layers=[1])(x, margin=1)
     hook.remove()
     assert seen == [4, 4, 4, 4]  # the image, then views 1-3: view 3 is the first to show the corner artifact
     mask = out.outliers[0]
@@ -152,15 +158,15 @@ def test_adaptive_views_stop_once_outliers_are_covered():
 def test_bf16_teacher_gives_float32_targets_close_to_fp32():
     _, planted = planted_teachers()
     x = smooth_images(2, 160)
-    fp32 = DenoisedTargets(planted, seed=2)(x, 1)
-    bf16 = DenoisedTargets(planted, TargetSettings(bf16=True), seed=2)(x, 1)
+    fp32 = DenoisedTargets(planted, EXACT, seed=2)(x, 1)
+    bf16 = DenoisedTargets(planted, replace(EXACT, bf16=True), seed=2)(x, 1)
     assert bf16.features.dtype == torch.float32
     assert torch.equal(bf16.outliers, fp32.outliers)
     assert F.cosine_similarity(bf16.features, fp32.features, dim=-1).min() > 0.99
 
 
 def test_same_seed_is_bit_identical_and_state_resumes():
-    model, few = teacher(), TargetSettings(num_views=4, keep_clean_tokens=False, drop_outlier_views=False)
+    model, few = teacher(), replace(PLAIN, num_views=4)
     x = torch.randn(2, 3, 160, 160)
     a, b = DenoisedTargets(model, few, seed=7), DenoisedTargets(model, few, seed=7)
     assert torch.equal(a(x, 1).features, b(x, 1).features)
@@ -202,7 +208,8 @@ def test_settings_key_tracks_what_changes_targets():
     assert base.key() == TargetSettings().key()
     assert base.key() == TargetSettings(chunk_size=4).key()
     assert base.key() != TargetSettings(outlier_k=4).key() != TargetSettings(keep_clean_tokens=False).key()
-    assert len({base.key(), TargetSettings(min_clean_views=2).key(), TargetSettings(bf16=True).key()}) == 3
+    assert len({base.key(), TargetSettings(min_clean_views=0).key(), TargetSettings(bf16=False).key(),
+                TargetSettings(mask_outliers=False).key()}) == 4
 
 
 NO_FLIPS = torch.zeros(2, 3, dtype=torch.bool)
@@ -223,3 +230,29 @@ def test_bad_input_is_one_line_error(make):
     with pytest.raises(RetrofitError) as err:
         make(timm.create_model("test_vit", pretrained=False, img_size=64, depth=3))
     assert "\n" not in str(err.value)
+
+
+def test_realistic_artifacts_hidden_from_attention_or_moved_to_test_time_registers():
+    """Masking the teacher's outliers frees the other tokens' targets from what the artifacts wrote into them;
+    with register neurons the teacher's artifacts never form, and one forward per image is all it takes."""
+    torch.manual_seed(0)
+    base = timm.create_model("test_vit", pretrained=False, img_size=64, patch_size=8).eval()
+    planted, twin = plant_artifacts(base), plant_artifacts(base, silent=True)
+    x = synthetic_images(16, 80, seed=4, mean=(0.5,) * 3, std=(0.5,) * 3)
+    center = crop_center(x, 8)
+    with torch.no_grad():
+        truth, artifacts = patch_features(twin, center), outlier_mask(patch_features(planted, center))
+    forwards: list[int] = []
+    planted.patch_embed.register_forward_hook(lambda m, i, o: forwards.append(len(i[0])))
+
+    def cosine(settings: TargetSettings, **kwargs) -> tuple[float, float]:
+        forwards.clear()
+        cos = F.cosine_similarity(DenoisedTargets(planted, settings, seed=1, **kwargs)(x, 1).features, truth, dim=-1)
+        return cos[~artifacts].mean().item(), cos[artifacts].mean().item()
+
+    assert artifacts.float().mean() > 0.01
+    adaptive = replace(EXACT, min_clean_views=2)
+    plain, masked = cosine(adaptive), cosine(replace(adaptive, mask_outliers=True))
+    assert masked[0] > plain[0] + 0.01 and masked[1] > 0.8
+    moved = cosine(replace(adaptive, mask_outliers=True), neurons=find_register_neurons(planted, center))
+    assert moved[0] > 0.99 and moved[1] > 0.95 and forwards == [16]
