@@ -87,7 +87,7 @@ def naive_targets(teacher: nn.Module, images: Tensor, views: Views) -> Targets:
 class NaiveModule(RetrofitModule):
     """The engine's student step with targets from :func:`naive_targets` on the centre crop (no margin views)."""
 
-    def _targets(self, images: Tensor, keys: Any) -> Targets:
+    def batch_targets(self, images: Tensor, keys: Any) -> Targets:
         center = crop_center(images, self.margin * patch_size(self.teacher)[0])
         grid = grid_size(self.teacher, *center.shape[-2:])
         return naive_targets(self.teacher, center, self.targets.draw_views(len(images), grid))
@@ -109,7 +109,7 @@ class Trainee:
         module = module_cls(teacher, **kwargs).to(model_device(teacher))
         module.margin = margin
         module.prepare(crop_center(batch["image"], margin * patch_size(teacher)[0]) if module.needs_images else None)
-        optimizer = torch.optim.AdamW(module._param_groups(), lr=module.hparams.lr, betas=(0.9, 0.999))
+        optimizer = torch.optim.AdamW(module.param_groups(), lr=module.hparams.lr, betas=(0.9, 0.999))
         return cls(module.train(), optimizer, autocast)
 
     def step(self, batch: dict) -> float:

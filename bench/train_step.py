@@ -69,7 +69,7 @@ def step_flops(trainee: Trainee, batch: dict) -> int:
 
 def quality_row(trainee: Trainee, reference: torch.Tensor, mask: torch.Tensor, batch: dict) -> str:
     """Target cosine to the artifact-free features (all / artifact positions) and the targets' outlier share."""
-    targets = trainee.module._targets(batch["image"], batch["key"])  # the naive loop's, or the engine's
+    targets = trainee.module.batch_targets(batch["image"], batch["key"])  # the naive loop's, or the engine's
     cos_all, cos_art = target_quality(targets, reference, mask)
     left = outlier_mask(targets.features).float().mean().item()
     return f"{cos_all:.4f} / {cos_art:.4f} / {100 * left:.2f}%"

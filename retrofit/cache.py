@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .errors import RetrofitError, first_line
 from .features import block_indices, grid_size, patch_size
 from .files import write_atomic
+from .neurons import RegisterNeurons
 from .targets import DEFAULT_SETTINGS, DenoisedTargets, Targets, TargetSettings, crop_center
 
 FP16_MAX = torch.finfo(torch.float16).max
@@ -86,10 +87,11 @@ class TargetCache:
         *,
         image_size: int | tuple[int, int],
         margin: int = 0,
+        neurons: RegisterNeurons | None = None,
     ) -> None:
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.grid = grid_size(teacher, *size)
-        self.teacher, self.settings, self.margin = teacher, settings, margin
+        self.teacher, self.settings, self.margin, self.neurons = teacher, settings, margin, neurons
         self.layers = block_indices(teacher, layers)
         info = {
             "teacher": teacher_fingerprint(teacher),
@@ -97,6 +99,7 @@ class TargetCache:
             "layers": list(self.layers),
             "image_size": list(size),
             "margin": margin,
+            "neurons": None if neurons is None else {str(b): u for b, u in neurons.units.items()},
             "format": FORMAT,
         }
         self.namespace = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
@@ -220,17 +223,17 @@ class TargetCache:
         done = f"{self.counts['read']} read, {self.counts['computed']} computed"
         return f"target cache {self.dir}: {'; '.join(parts)}; {done}."
 
-    def get_or_compute(self, denoiser: DenoisedTargets, images: Tensor, keys: Sequence[str]) -> Targets:
+    def get_or_compute(self, targets: DenoisedTargets, images: Tensor, keys: Sequence[str]) -> Targets:
         """Targets for a batch, computing (and storing) only the images not in the cache yet.
 
         ``images`` follow the batch contract: (B, 3, S + 2*m*p, S + 2*m*p) with this cache's size
         and margin. Fresh targets go through the same fp16 rounding as stored ones, so the first
         epoch and later ones train on identical values.
         """
-        if denoiser.teacher is not self.teacher or denoiser.settings.key() != self.settings.key() or \
-                denoiser.layers != self.layers:
-            raise RetrofitError("the DenoisedTargets does not match this cache's teacher, settings or layers: "
-                                "build both from the same teacher, settings and layers.")
+        if targets.teacher is not self.teacher or targets.settings.key() != self.settings.key() or \
+                targets.layers != self.layers or targets.neurons != self.neurons:
+            raise RetrofitError("the DenoisedTargets does not match this cache's teacher, settings, layers or register "
+                                "neurons: build both from the same ones.")
         center = crop_center(images, self.margin * patch_size(self.teacher)[0])
         if grid_size(self.teacher, *center.shape[-2:]) != self.grid or len(keys) != len(images):
             raise RetrofitError(
@@ -240,7 +243,7 @@ class TargetCache:
         entries, bad = self._lookup(keys)
         missing = [i for i, e in enumerate(entries) if e is None]
         if missing:
-            fresh = denoiser(images[missing], self.margin)
+            fresh = targets(images[missing], self.margin)
             self.counts["computed"] += len(missing)
             for i, entry in zip(missing, self._entries([keys[i] for i in missing], fresh), strict=True):
                 entries[i] = self._publish(keys[i], entry, replace=keys[i] in bad)

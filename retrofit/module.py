@@ -2,7 +2,11 @@
 
 The student is the teacher plus register tokens (:func:`retrofit.surgery.add_registers`); a freeze
 preset picks what it may change. Only patch features enter the loss, so whatever the student does to
-get rid of artifacts - park global information in the registers, re-route a position - is its choice.
+get rid of artifacts - park global information in the registers, switch off the units that make them -
+is its choice. By default (``freeze="auto"``) it may change the registers and the block where the
+artifacts start, found on the first training batch: artifacts are made there, by a few MLP units, and a
+student that can only reach the last block learns to hide their norm, not to repair the features
+(docs/method.md).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
+from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
 from .backbones import load_backbone
@@ -33,10 +38,8 @@ from .targets import DenoisedTargets, Targets, TargetSettings, crop_center
 
 FreezePreset = Literal["auto", "phreg", "last-k", "lora", "full"]
 Schedule = Literal["exp", "cosine"]
-LORA_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"  # not patch_embed.proj (DESIGN.md section 3)
-TOKEN_PARAMS = ("cls_token", "reg_token", "dist_token", "pos_embed")
+LORA_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"  # a plain "proj" would also hit patch_embed.proj
 HEAD_PREFIXES = ("head", "fc_norm", "attn_pool")  # never reach the patch features: frozen even in `full`
-_PATCH_EMBED = "patch_embed."
 # The frozen teacher is in eval mode on purpose; Lightning would warn about it at the start of every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
@@ -67,7 +70,7 @@ def trainable_prefixes(model: nn.Module, freeze: FreezePreset, last_k: int = 1, 
         return registers + [f"blocks.{i}." for i in auto_blocks(onset)]
     if freeze == "phreg":
         last = 2 if not isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity) else 1
-        return tokens + [_PATCH_EMBED] + [f"blocks.{i}." for i in range(depth - last, depth)]
+        return tokens + ["patch_embed."] + [f"blocks.{i}." for i in range(depth - last, depth)]
     if freeze == "last-k":
         if not 1 <= last_k <= depth:
             raise RetrofitError(f"last_k must be in 1..{depth} for this {depth}-block model, got {last_k}.")
@@ -132,12 +135,15 @@ class RetrofitModule(L.LightningModule):
         checkpoint: local weights file for a timm name (offline use); None downloads the hub weights.
         model_kwargs: extra ``timm.create_model`` arguments, e.g. ``{"img_size": 224}``.
         num_registers: register tokens to add (PH-Reg: 16; gains are small beyond 4).
-        register_init: how new registers start: ``randn`` (randn / sqrt(dim), PH-Reg), ``timm`` (std 1e-6:
-            the model barely changes at step 0), ``zeros``, ``cls`` or ``mean_patch``.
-        freeze: what trains: ``phreg`` (registers, position and patch embedding, last block - two for
-            CLIP-style models), ``last-k`` (registers, position embedding, last ``last_k`` blocks), ``lora``
-            (LoRA on the blocks' attn.qkv/attn.proj/mlp.fc1/mlp.fc2 plus registers and position embedding;
-            merged into plain weights on export) or ``full``. The final norm trains only with ``full``.
+        register_init: how new registers start: ``timm`` (std 1e-6: the model barely changes at step 0, so a
+            model without artifacts keeps its features), ``randn`` (randn / sqrt(dim), PH-Reg), ``zeros``,
+            ``cls`` or ``mean_patch``.
+        freeze: what trains: ``auto`` (registers and the block where the artifacts start, ``onset_block``;
+            registers only for a model without artifacts), ``phreg`` (registers, position and patch embedding,
+            last block - two for CLIP-style models; PH-Reg's choice), ``last-k`` (registers, position
+            embedding, last ``last_k`` blocks), ``lora`` (LoRA on the blocks' attn.qkv/attn.proj/mlp.fc1/mlp.fc2
+            plus registers and position embedding; merged into plain weights on export) or ``full``. The final
+            norm trains only with ``full``.
         last_k: blocks trained by ``freeze="last-k"``.
         lora_rank: LoRA rank r.
         lora_alpha: LoRA scale alpha (the update is scaled by alpha / r).
@@ -145,12 +151,21 @@ class RetrofitModule(L.LightningModule):
         lr: base learning rate (PH-Reg: 1e-4 for DINOv2, 3e-4 for CLIP).
         min_lr: learning rate at the end of the run (PH-Reg: 5e-6 DINOv2, 1e-5 CLIP).
         weight_decay: AdamW weight decay on matrices; tokens, position embeddings, norms and biases get none.
-        patch_embed_lr_scale: the patch embedding's lr as a fraction of ``lr`` (DESIGN.md section 6: the
-            base lr on it wrecks features within a few steps).
+        patch_embed_lr_scale: the patch embedding's lr as a fraction of ``lr`` (the base lr on it wrecks the
+            features within a few steps; docs/method.md).
         schedule: ``exp`` (exponential decay from lr to min_lr over the run, PH-Reg) or ``cosine``; both per step.
         warmup_steps: linear warmup steps before the schedule.
         mse_weight: weight of the MSE term; the loss is (1 - cosine) + mse_weight * MSE per layer.
-        loss_layers: block indices whose (final-normed) patch tokens also enter the loss, besides the output.
+        loss_layers: block indices whose (final-normed) patch tokens also enter the loss, besides the output;
+            ``auto``: the onset block, whose output the artifacts have not yet spread from.
+        onset_block: the block where the artifacts start; None finds it on the first training batch (the first
+            block whose output holds half the peak outlier fraction; see :func:`retrofit.metrics.artifact_onset`).
+        register_neurons: the MLP units that make the artifacts (:mod:`retrofit.neurons`): ``auto`` finds them on
+            the first training batch (units at least 10x as active at the artifacts as elsewhere), a path reads
+            a ``retrofit neurons`` file, None uses none.
+        neuron_targets: the teacher runs with test-time registers on those units while making targets: its
+            artifacts mostly never form, so most images need one teacher forward instead of shifted views.
+        ablate_neurons: switch those units off in the student before training (its starting point).
         targets: how denoised targets are made (views, shifts, outlier handling): :class:`TargetSettings`.
         cache_dir: store each image's targets here and reuse them (needs deterministic crops); None
             computes targets for every batch.
@@ -166,7 +181,7 @@ class RetrofitModule(L.LightningModule):
         checkpoint: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
         num_registers: int = 4,
-        register_init: RegisterInit = "randn",
+        register_init: RegisterInit = "timm",
         freeze: FreezePreset = "auto",
         last_k: int = 1,
         lora_rank: int = 8,
@@ -330,13 +345,15 @@ class RetrofitModule(L.LightningModule):
         self.teacher.to(device)  # Lightning moves the whole module there next anyway
         return crop_center(batch["image"], self.margin * patch_size(self.teacher)[0]).to(device)
 
-    def _targets(self, images: Tensor, keys: Sequence[str]) -> Targets:
+    def batch_targets(self, images: Tensor, keys: Sequence[str]) -> Targets:
+        """The targets of a training batch (from the target cache when there is one); override to make them
+        another way (the benchmarks' naive PH-Reg loop does)."""
         if self.hparams.cache_dir is None:
             return self.targets(images, self.margin)
         if self._cache is None:
             size = images.shape[-1] - 2 * self.margin * patch_size(self.teacher)[0]
-            self._cache = TargetCache(self.hparams.cache_dir, self.teacher, self.targets.settings,
-                                      self.loss_layers, image_size=size, margin=self.margin)
+            self._cache = TargetCache(self.hparams.cache_dir, self.teacher, self.targets.settings, self.loss_layers,
+                                      image_size=size, margin=self.margin, neurons=self.targets.neurons)
         return self._cache.get_or_compute(self.targets, images, keys)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -355,7 +372,7 @@ class RetrofitModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         images = batch["image"]
-        targets = self._targets(images, batch["key"])
+        targets = self.batch_targets(images, batch["key"])
         center = crop_center(images, self.margin * patch_size(self.teacher)[0])
         preds = self._student_features(center)
         wanted = [targets.features, *(targets.layers[i] for i in self.loss_layers)]
@@ -366,28 +383,25 @@ class RetrofitModule(L.LightningModule):
         self.log_dict(metrics, prog_bar=True, sync_dist=True, batch_size=len(images))
         return loss
 
-    def _param_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups: no decay on tokens, position embeddings, norms and biases; patch embedding at a scaled lr."""
-        h = self.hparams
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        for name, p in self.student.named_parameters():
-            if not p.requires_grad:
-                continue
-            short = name.removeprefix("base_model.model.")
-            decay = p.ndim > 1 and short.split(".")[-1] not in TOKEN_PARAMS
-            groups.setdefault((decay, short.startswith(_PATCH_EMBED)), []).append(p)
-        return [
-            {"params": params, "weight_decay": h.weight_decay if decay else 0.0,
-             "lr": h.lr * (h.patch_embed_lr_scale if embed else 1.0)}
-            for (decay, embed), params in groups.items()
-        ]
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: timm's weight-decay split (none on the model's ``no_weight_decay()`` tokens and position
+        embedding, norms and biases), each with the patch embedding at a scaled lr."""
+        h, vit = self.hparams, self.student_vit
+        embed = {id(p) for p in vit.patch_embed.parameters()}
+        groups = []
+        for group in param_groups_weight_decay(vit, h.weight_decay, no_weight_decay_list=vit.no_weight_decay()):
+            for scaled in (False, True):
+                params = [p for p in group["params"] if (id(p) in embed) == scaled]
+                if params:
+                    groups.append({**group, "params": params, "lr": h.lr * (h.patch_embed_lr_scale if scaled else 1)})
+        return groups
 
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise RetrofitError("the run has no fixed length, so the lr schedule cannot be laid out: set max_steps.")
-        optimizer = torch.optim.AdamW(self._param_groups(), lr=h.lr, betas=(0.9, 0.999))
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=h.lr, betas=(0.9, 0.999))
         floor = h.min_lr / h.lr
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: _lr_factor(step, int(total), h.warmup_steps, h.schedule, floor)

@@ -1,17 +1,22 @@
-"""Denoised teacher targets: the frozen teacher's patch features, cleaned by averaging over shifted views.
+"""Denoised teacher targets: the frozen teacher's patch features, cleaned of its artifacts.
 
 Artifacts tied to grid positions land on different image content in each view shifted by whole
 patches, so mapping every view back onto the original grid and averaging per patch removes them
-(PH-Reg). DESIGN.md section 6 showed what a plain average gets wrong; each lesson has a switch in
+(PH-Reg). A plain average gets several things wrong (docs/method.md); each lesson has a switch in
 :class:`TargetSettings` so it can be compared against the plain recipe:
 
 - tokens that are outliers in their own view are left out of the average (artifacts partly move
   with the content, so a plain mean keeps their direction);
 - the teacher's own token is kept wherever it is not an outlier (the average blurs small grids,
   and a model without artifacts must get exactly its own features back);
+- the teacher's outliers are hidden from its own attention (a second forward), so the other tokens'
+  targets do not carry what the artifacts wrote into them;
 - views are crop windows moved inside a margin of real pixels; where a view leaves the image the
   strip is filled with 0 (the mean after normalisation) and hidden from the teacher's attention,
   because constant fill makes flat patches, exactly where artifacts form.
+
+With register neurons (:mod:`retrofit.neurons`) the teacher runs with test-time registers: most of its
+artifacts never form, and shifted views are only drawn for the images where some remain.
 """
 
 from __future__ import annotations
@@ -166,10 +171,10 @@ def farthest_point_offsets(
     return offsets
 
 
-def _alignment(views: Views, idx: Tensor, images: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+def _alignment(views: Views, view_idx: Tensor, image_idx: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """For each sample's view, the view token showing each original patch (S, h*w) and whether it is shown."""
     h, w = grid
-    offsets, flips = views.offsets[idx], views.flips[idx, images]
+    offsets, flips = views.offsets[view_idx], views.flips[view_idx, image_idx]
     rows = torch.arange(h) - offsets[:, :1]
     cols = torch.arange(w) - offsets[:, 1:]
     shown = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
@@ -178,10 +183,10 @@ def _alignment(views: Views, idx: Tensor, images: Tensor, grid: tuple[int, int])
     return index.flatten(1), shown.flatten(1)
 
 
-def _real_tokens(views: Views, idx: Tensor, images: Tensor, grid: tuple[int, int], margin: int) -> Tensor:
+def _real_tokens(views: Views, view_idx: Tensor, image_idx: Tensor, grid: tuple[int, int], margin: int) -> Tensor:
     """(S, h*w) bool: the view token shows real pixels (inside the margin), not fill."""
     h, w = grid
-    offsets, flips = views.offsets[idx], views.flips[idx, images]
+    offsets, flips = views.offsets[view_idx], views.flips[view_idx, image_idx]
     rows = offsets[:, :1] + torch.arange(h)
     cols = offsets[:, 1:] + torch.arange(w)
     real_rows = (rows >= -margin) & (rows < h + margin)
@@ -199,11 +204,11 @@ class _Average:
         self.clean = torch.zeros_like(self.total)
         self.clean_count = torch.zeros_like(self.count)
 
-    def add(self, idx: Tensor, images: Tensor, features: Tensor, shown: Tensor, clean: Tensor) -> None:
+    def add(self, view_idx: Tensor, image_idx: Tensor, features: Tensor, shown: Tensor, clean: Tensor) -> None:
         # One slice per view: a view holds each image once, so indexed += is exact and deterministic.
         start = 0
-        for n in torch.unique_consecutive(idx, return_counts=True)[1].tolist():
-            s, b = slice(start, start + n), images[start:start + n].to(features.device)
+        for n in torch.unique_consecutive(view_idx, return_counts=True)[1].tolist():
+            s, b = slice(start, start + n), image_idx[start:start + n].to(features.device)
             self.total[b] += features[s] * shown[s, :, None]
             self.count[b] += shown[s]
             self.clean[b] += features[s] * clean[s, :, None]
@@ -234,14 +239,14 @@ def _check_views(views: Views, batch: int, grid: tuple[int, int]) -> None:
         raise RetrofitError(f"view offsets {views.offsets.tolist()} leave the {grid[0]}x{grid[1]} grid: shift less.")
 
 
-def _crop_views(source: Tensor, base: int, p: int, grid: tuple[int, int], views: Views, idx: Tensor,
-                images: Tensor) -> Tensor:
+def _crop_views(source: Tensor, base: int, p: int, grid: tuple[int, int], views: Views, view_idx: Tensor,
+                image_idx: Tensor) -> Tensor:
     """The pixels of each sample's view: a window of ``source`` moved by its offset, mirrored if flipped.
 
     ``base`` is where the centre crop starts in ``source``, in patches.
     """
-    (h, w), offsets, flips = grid, (base + views.offsets[idx]) * p, views.flips[idx, images]
-    corners = zip(images.tolist(), offsets.tolist(), strict=True)
+    (h, w), offsets, flips = grid, (base + views.offsets[view_idx]) * p, views.flips[view_idx, image_idx]
+    corners = zip(image_idx.tolist(), offsets.tolist(), strict=True)
     crops = (source[b, :, y:y + h * p, x:x + w * p] for b, (y, x) in corners)
     return torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flips.tolist(), strict=True)])
 
@@ -361,13 +366,13 @@ class DenoisedTargets:
         return [final[:, npt:].float(), *(g.float() for g in inter)]
 
     def _add(self, averages: list[_Average], grids: list[Tensor], outliers: list[Tensor], views: Views,
-             idx: Tensor, images: Tensor, grid: tuple[int, int]) -> None:
+             view_idx: Tensor, image_idx: Tensor, grid: tuple[int, int]) -> None:
         """Map each view's tokens back onto the original grid (gather) and add them to the averages."""
-        index, shown = (t.to(grids[0].device) for t in _alignment(views, idx, images, grid))
+        index, shown = (t.to(grids[0].device) for t in _alignment(views, view_idx, image_idx, grid))
         for average, tokens, out in zip(averages, grids, outliers, strict=True):
             aligned = tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1]))
             clean = shown & ~out.gather(1, index) if self.settings.drop_outlier_views else shown
-            average.add(idx, images, aligned, shown, clean)
+            average.add(view_idx, image_idx, aligned, shown, clean)
 
     def _compute(self, images: Tensor, center: Tensor, margin: int, views: Views, grid: tuple[int, int]) -> Targets:
         s, b = self.settings, len(images)
@@ -401,14 +406,15 @@ class DenoisedTargets:
             if s.min_clean_views:
                 needy = needy & ~self._covered(averages, own_outliers)
             chosen = needy.nonzero().flatten()
-            idx, imgs = torch.tensor(round_views).repeat_interleave(len(chosen)), chosen.repeat(len(round_views))
-            for start in range(0, len(idx), s.chunk_size):
-                i, j = idx[start:start + s.chunk_size], imgs[start:start + s.chunk_size]
-                real = _real_tokens(views, i, j, grid, margin)
-                grids = self._teacher(_crop_views(source, margin + pad, p, grid, views, i, j), real)
+            all_views = torch.tensor(round_views).repeat_interleave(len(chosen))
+            all_images = chosen.repeat(len(round_views))
+            for start in range(0, len(all_views), s.chunk_size):
+                view_idx, image_idx = all_views[start:start + s.chunk_size], all_images[start:start + s.chunk_size]
+                real = _real_tokens(views, view_idx, image_idx, grid, margin)
+                grids = self._teacher(_crop_views(source, margin + pad, p, grid, views, view_idx, image_idx), real)
                 real = real.to(grids[0].device)
                 outliers = [_outliers(g.norm(dim=-1), s.outlier_k, real) for g in grids]
-                self._add(averages, grids, outliers, views, i, j, grid)
+                self._add(averages, grids, outliers, views, view_idx, image_idx, grid)
 
     def _finish(self, own: list[Tensor], own_outliers: list[Tensor], averages: list[_Average],
                 grid: tuple[int, int]) -> Targets:

@@ -43,11 +43,11 @@ def test_round_trip_within_fp16(tmp_path, teacher):
 
 def test_cached_epochs_match_under_cpu_bf16_autocast(tmp_path, teacher):
     """bf16-mixed training on CPU reads the fp16 entries inside autocast; first and later epochs agree."""
-    cache, denoiser = cache_for(tmp_path, teacher), DenoisedTargets(teacher, layers=[1])
+    cache, targets = cache_for(tmp_path, teacher), DenoisedTargets(teacher, layers=[1])
     images = torch.randn(3, 3, 96, 96)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        first = cache.get_or_compute(denoiser, images, KEYS)
-        later = cache.get_or_compute(denoiser, images, KEYS)
+        first = cache.get_or_compute(targets, images, KEYS)
+        later = cache.get_or_compute(targets, images, KEYS)
     assert later.features.dtype == torch.float32
     assert torch.equal(first.features, later.features) and torch.equal(first.layers[1], later.layers[1])
 
@@ -69,9 +69,9 @@ def test_teacher_or_settings_change_misses(tmp_path, teacher):
 
 def test_half_written_entries_are_never_read(tmp_path, teacher):
     cache = cache_for(tmp_path, teacher)
-    denoiser = DenoisedTargets(teacher, layers=[1])
+    targets = DenoisedTargets(teacher, layers=[1])
     images = torch.randn(3, 3, 96, 96)
-    first = cache.get_or_compute(denoiser, images, KEYS)
+    first = cache.get_or_compute(targets, images, KEYS)
     path = cache.path(KEYS[0])
     path.write_bytes(path.read_bytes()[:-100])  # truncated entry
     assert cache.get(KEYS) is None
@@ -80,10 +80,10 @@ def test_half_written_entries_are_never_read(tmp_path, teacher):
     assert cache.get(KEYS) is None
     seen = []
     hook = teacher.patch_embed.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
-    again = cache.get_or_compute(denoiser, images, KEYS)
+    again = cache.get_or_compute(targets, images, KEYS)
     assert sum(seen) >= 1 and seen[0] == 1  # only the missing image went to the teacher
     seen.clear()
-    cached = cache.get_or_compute(denoiser, images, KEYS)
+    cached = cache.get_or_compute(targets, images, KEYS)
     hook.remove()
     assert seen == []
     assert torch.equal(cached.features, again.features)
@@ -110,16 +110,16 @@ def flip_last_bit(path) -> None:
 
 
 def test_truncated_corrupt_and_foreign_entries_are_recomputed_and_counted(tmp_path, teacher):
-    cache, denoiser = cache_for(tmp_path, teacher), DenoisedTargets(teacher, layers=[1])
+    cache, targets = cache_for(tmp_path, teacher), DenoisedTargets(teacher, layers=[1])
     images = torch.randn(3, 3, 96, 96)
-    first = cache.get_or_compute(denoiser, images, KEYS)
+    first = cache.get_or_compute(targets, images, KEYS)
     truncated, corrupt, foreign = (cache.path(k) for k in KEYS)
     foreign.write_bytes(corrupt.read_bytes())  # another image's entry under this key
     truncated.write_bytes(truncated.read_bytes()[:-100])  # a writer killed without the atomic rename
     flip_last_bit(corrupt)
 
     fresh = TargetCache(tmp_path, teacher, TargetSettings(), (1,), image_size=64, margin=1)
-    again = fresh.get_or_compute(denoiser, images, KEYS)
+    again = fresh.get_or_compute(targets, images, KEYS)
     assert dict(fresh.counts) == {"unreadable": 1, "corrupt": 1, "foreign": 1, "computed": 3}
     assert fresh.report() == (f"target cache {fresh.dir}: recomputed and rewrote 3 bad entries (1 unreadable, "
                               "1 corrupt, 1 foreign); 0 read, 3 computed.")
@@ -139,11 +139,11 @@ def test_an_entry_from_another_cache_is_foreign(tmp_path, teacher):
 
 
 def test_a_full_disk_costs_the_cache_not_the_run(tmp_path, teacher):
-    cache, denoiser = cache_for(tmp_path, teacher), DenoisedTargets(teacher, layers=[1])
+    cache, targets = cache_for(tmp_path, teacher), DenoisedTargets(teacher, layers=[1])
     images = torch.randn(3, 3, 96, 96)
     with file_size_limit(1000):  # entries are ~5 kB: every write fails half-way
-        targets = cache.get_or_compute(denoiser, images, KEYS)
-    assert torch.isfinite(targets.features).all() and targets.features.shape == (3, 4, 4, 64)
+        result = cache.get_or_compute(targets, images, KEYS)
+    assert torch.isfinite(result.features).all() and result.features.shape == (3, 4, 4, 64)
     assert cache.counts["unstored"] == 3 and "could not store 3 entries (" in cache.report()
     assert cache.get(KEYS) is None and not list(tmp_path.rglob("*.tmp"))  # nothing half-written was kept
 
@@ -152,12 +152,12 @@ def _fill(root, teacher, seed, barrier, images, out) -> None:
     """One of two processes filling the same cache in step: every batch starts together in both."""
     torch.set_num_threads(1)
     cache = cache_for(root, teacher)
-    denoiser = DenoisedTargets(teacher, layers=[1], seed=seed)  # on its own, each would make other targets
+    targets = DenoisedTargets(teacher, layers=[1], seed=seed)  # on its own, each would make other targets
     got = []
     for start in range(0, len(images), 2):
         barrier.wait()
         keys = [f"img{i}" for i in range(start, start + 2)]
-        got.append(cache.get_or_compute(denoiser, images[start:start + 2], keys).features)
+        got.append(cache.get_or_compute(targets, images[start:start + 2], keys).features)
     torch.save(torch.cat(got), out)
 
 

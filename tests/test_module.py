@@ -118,7 +118,7 @@ def test_lora_merges_into_a_plain_timm_model_with_identical_outputs():
 def test_optimizer_groups_scale_patch_embedding_and_skip_decay():
     module = RetrofitModule(vit(), lr=1e-3, min_lr=1e-4, weight_decay=0.05, patch_embed_lr_scale=0.01)
     names = {id(p): n for n, p in module.student.named_parameters()}
-    for group in module._param_groups():
+    for group in module.param_groups():
         for p in group["params"]:
             name = names[id(p)]
             assert group["lr"] == pytest.approx(1e-5 if name.startswith("patch_embed.") else 1e-3)
