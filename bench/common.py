@@ -62,26 +62,29 @@ def _shift(t: Tensor, dy: int, dx: int) -> Tensor:
     return out
 
 
-def naive_targets(teacher: nn.Module, images: Tensor, views: Views) -> Targets:
+def naive_targets(teacher: nn.Module, images: Tensor, views: Views, layers: tuple[int, ...] = ()) -> Targets:
     """PH-Reg's test-time augmentation, view by view in fp32: shift with fill, flip, forward, undo, average.
 
     ``images`` is what the student sees; the views are the engine's own draw (same offsets and flips).
+    The final features and each of ``layers`` (as the student's loss needs them) are averaged alike.
     """
     p = patch_size(teacher)[0]
-    total, count = None, None
+    totals, count = None, None
     with torch.no_grad():
         for (dy, dx), flips in zip(views.offsets.tolist(), views.flips, strict=True):
             flip = flips.to(images.device)[:, None, None, None]
             view = _shift(images, dy * p, dx * p)
             view = torch.where(flip, view.flip(-1), view)
-            grid = patch_features(teacher, view).permute(0, 3, 1, 2)  # (B, D, h, w)
-            grid = _shift(torch.where(flip, grid.flip(-1), grid), -dy, -dx)
-            seen = _shift(torch.ones_like(grid[:, :1]), -dy, -dx)
-            total = grid if total is None else total + grid
+            grids = [patch_features(teacher, view)] + (patch_features(teacher, view, list(layers)) if layers else [])
+            grids = [_shift(torch.where(flip, g.permute(0, 3, 1, 2).flip(-1), g.permute(0, 3, 1, 2)), -dy, -dx)
+                     for g in grids]  # each (B, D, h, w), back on the original grid
+            seen = _shift(torch.ones_like(grids[0][:, :1]), -dy, -dx)
+            totals = grids if totals is None else [t + g for t, g in zip(totals, grids, strict=True)]
             count = seen if count is None else count + seen
-    features = (total / count.clamp(min=1)).permute(0, 2, 3, 1)
+    means = [(t / count.clamp(min=1)).permute(0, 2, 3, 1) for t in totals]
     coverage = count[:, 0].int()
-    return Targets(features=features, layers={}, coverage=coverage, outliers=torch.zeros_like(coverage, dtype=bool))
+    return Targets(features=means[0], layers=dict(zip(layers, means[1:], strict=True)), coverage=coverage,
+                   outliers=torch.zeros_like(coverage, dtype=torch.bool))
 
 
 class NaiveModule(RetrofitModule):
@@ -90,7 +93,7 @@ class NaiveModule(RetrofitModule):
     def batch_targets(self, images: Tensor, keys: Any) -> Targets:
         center = crop_center(images, self.margin * patch_size(self.teacher)[0])
         grid = grid_size(self.teacher, *center.shape[-2:])
-        return naive_targets(self.teacher, center, self.targets.draw_views(len(images), grid))
+        return naive_targets(self.teacher, center, self.targets.draw_views(len(images), grid), self.loss_layers)
 
 
 @dataclass

@@ -37,19 +37,27 @@ from retrofit.targets import DenoisedTargets, crop_center
 
 # Dense bf16 peak of the GPUs the goal is stated for (NVIDIA datasheets, no sparsity).
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
+PREVIOUS = "previous default (views, float32, all 10, not masked)"  # the engine's defaults before the repair work
 
 
 def configs() -> dict[str, dict[str, Any]]:
-    """RetrofitModule settings per row: the defaults with no flags first, then the target levers one by one."""
+    """RetrofitModule settings per row: the defaults with no flags first, the target levers one by one, then the
+    other freeze presets (``default`` is ``auto``: registers and the onset block)."""
     views = {"register_neurons": None}  # targets from shifted views only
     return {
         "default": {},
+        "default, float32 teacher (a CPU without native bf16)": {"targets": {"bf16": False}},
         "views (no register neurons)": views,
         "views, float32 teacher": views | {"targets": {"bf16": False}},
         "views, all 10 (no adaptive count)": views | {"targets": {"min_clean_views": 0}},
         "views, outliers not masked": views | {"targets": {"mask_outliers": False}},
-        "previous default (views, float32, all 10, not masked)": views | {
+        PREVIOUS: views | {
             "targets": {"bf16": False, "min_clean_views": 0, "mask_outliers": False}},
+        # what trains: the student's backward reaches down to the lowest trained block (or the embeddings)
+        "freeze phreg (embeddings + last block)": {"freeze": "phreg"},
+        "freeze last-k 1": {"freeze": "last-k"},
+        "freeze lora": {"freeze": "lora"},
+        "freeze full": {"freeze": "full"},
     }
 
 
@@ -90,6 +98,27 @@ def cache_epochs(teacher: torch.nn.Module, settings: dict[str, Any], args: argpa
                 seconds = sum(timed(lambda b=batch: trainee.step(b), args.device).seconds for batch in batches)
                 times.append(seconds / (len(batches) * args.batch))
     return first, later
+
+
+def phases(trainee: Trainee, batch: dict, repeats: int, device: str) -> dict[str, float]:
+    """Median seconds of a step's parts: the teacher's targets, the student's forward with the loss, and its
+    backward with the optimizer step (a step with the targets made in advance, minus its forward)."""
+    module = trainee.module
+
+    def median(fn: Any) -> float:
+        return statistics.median(timed(fn, device).seconds for _ in range(repeats))
+
+    teacher = median(lambda: module.batch_targets(batch["image"], batch["key"]))
+    ready = module.batch_targets(batch["image"], batch["key"])
+    module.batch_targets = lambda images, keys: ready  # this instance only, for the two timings below
+    try:
+        with torch.autocast(batch["image"].device.type, torch.bfloat16, enabled=trainee.autocast):
+            forward = median(lambda: module.training_step(batch, 0))
+        step = median(lambda: trainee.step(batch))
+    finally:
+        del module.batch_targets
+    return {"teacher targets": teacher, "student forward + loss": forward,
+            "student backward + AdamW": max(step - forward, 0.0)}
 
 
 def ratio(runs: list[Timing], naive: list[Timing], field: str) -> str:
@@ -161,8 +190,15 @@ def main() -> None:
               f"| {flops[name] / 1e12:.3f} | {achieved:.3f} | {mfu} "
               f"| {quality_row(trainees[name], reference, mask, batch)} |")
 
+    if "default" in trainees:
+        parts = phases(trainees["default"], batch, args.repeats, args.device)
+        total = sum(parts.values())
+        print("\n| phase of a default step | s | share |\n|---|---|---|")
+        for name, seconds in parts.items():
+            print(f"| {name} | {seconds:.3f} | {100 * seconds / total:.0f}% |")
+
     del trainees
-    for name in dict.fromkeys([next(iter(chosen)), list(chosen)[-1]]):  # the default and the previous default
+    for name in (n for n in ("default", PREVIOUS) if n in chosen):
         first, later = cache_epochs(teacher, chosen[name], args, margin, student_bf16)
         ratios = sorted(b / a for a, b in zip(first, later, strict=True))
         print(f"\ncache ({name}, {args.epoch_batches} batches per epoch): first epoch {spread(first)} s/image, "

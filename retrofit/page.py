@@ -77,6 +77,12 @@ def _models_table(report: Mapping[str, Any]) -> str:
         note = ("their patch grids differ" if cosine is None else
                 f"mean {cosine['mean']:.3f}, 5th percentile {cosine['p5']:.3f}")
         table += f"<p>Patch cosine between <b>{_e(a)}</b> and <b>{_e(b)}</b> (final features): {_e(note)}.</p>"
+    if report.get("repair"):  # scored against an artifact-free reference model
+        keys = ("all", "p5", "artifacts", "neighbours", "elsewhere")
+        rows = [[_cell(label, "text"), *(_cell(f"{scores[k]:.3f}") for k in keys)]
+                for label, scores in report["repair"].items()]
+        table += ("<p>Patch cosine to the artifact-free reference model, at the first model's artifacts, their "
+                  "8 neighbours and elsewhere:</p>" + _table(["model", *keys], rows))
     return table
 
 
