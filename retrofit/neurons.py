@@ -73,6 +73,9 @@ class RegisterNeurons:
     @classmethod
     def load(cls, path: str | Path) -> RegisterNeurons:
         """Read a file written by :meth:`save` (``retrofit neurons --out``)."""
+        if not Path(path).is_file():
+            raise RetrofitError(f"register-neuron file {path} does not exist: write one with "
+                                "`retrofit neurons MODEL --images DIR --out FILE`.")
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, ValueError, TypeError) as e:
@@ -127,8 +130,10 @@ def find_register_neurons(
     check_supported(model)
     if images.ndim != 4 or not len(images):
         raise RetrofitError(f"images must be a non-empty (N, 3, H, W) tensor, got shape {tuple(images.shape)}.")
-    if top_k < 1 or not 0 <= min_sparsity <= 1:
-        raise RetrofitError(f"need top_k >= 1 and 0 <= min_sparsity <= 1, got {top_k} and {min_sparsity}.")
+    if top_k < 1:
+        raise RetrofitError(f"top_k must be >= 1 (the most units to keep), got {top_k}.")
+    if not 0 <= min_sparsity <= 1:
+        raise RetrofitError(f"min_sparsity must be in 0..1 (a fraction of the patch tokens), got {min_sparsity}.")
     fc2s, npt = _mlp_inputs(model), model.num_prefix_tokens
     depth = len(fc2s)
     total = torch.zeros(depth, fc2s[0].in_features, dtype=torch.float64)
