@@ -1,20 +1,7 @@
-"""`python -m retrofit` and the `retrofit` console script.
-
-The command line itself lives in :mod:`retrofit.cli`; it is imported here, inside the Ctrl-C handling, because
-importing torch and Lightning takes seconds and a person may stop the command during them.
-"""
+"""`python -m retrofit`: the same as the `retrofit` console script."""
 
 import sys
 
+from .cli import main
 
-def main() -> int:
-    try:
-        from .cli import main as run
-    except KeyboardInterrupt:
-        print("retrofit: error: interrupted by Ctrl-C.", file=sys.stderr)
-        return 130
-    return run()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+sys.exit(main())
