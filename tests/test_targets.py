@@ -1,6 +1,7 @@
 """DenoisedTargets: re-alignment, fill masking, outlier-aware averaging, reproducibility."""
 
 import copy
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -12,7 +13,14 @@ from retrofit import RetrofitError, patch_features
 from retrofit.metrics import outlier_mask
 from retrofit.neurons import find_register_neurons
 from retrofit.synthetic import plant_artifacts, synthetic_images
-from retrofit.targets import DenoisedTargets, TargetSettings, Views, crop_center, farthest_point_offsets
+from retrofit.targets import (
+    DenoisedTargets,
+    TargetSettings,
+    Views,
+    crop_center,
+    farthest_point_offsets,
+    native_bf16,
+)
 
 from .helpers import perturb_
 
@@ -256,3 +264,22 @@ def test_realistic_artifacts_hidden_from_attention_or_moved_to_test_time_registe
     assert masked[0] > plain[0] + 0.01 and masked[1] > 0.8
     moved = cosine(replace(adaptive, mask_outliers=True), neurons=find_register_neurons(planted, center))
     assert moved[0] > 0.99 and moved[1] > 0.95 and forwards == [16]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_is_chosen_only_where_it_is_native_and_forcing_it_elsewhere_warns(native, monkeypatch):
+    """bf16 autocast is emulated (about 7x slower) on CPUs without AVX512-BF16/AMX: the default never picks it
+    there, an explicit setting wins, and forcing it on such a CPU says so."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": native, "amx_bf16": False})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert native_bf16(torch.device("cpu")) is native and native_bf16(torch.device("cuda"))
+    dtypes = []
+    model = timm.create_model("test_vit", pretrained=False, img_size=32).eval()
+    model.blocks[0].attn.qkv.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))  # a matmul
+    images = torch.randn(2, 3, 32, 32)
+    for bf16, expected in ((None, native), (False, False), (True, True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            DenoisedTargets(model, TargetSettings(bf16=bf16))(images)
+        assert (dtypes[-1] == torch.bfloat16) is expected, (bf16, dtypes[-1])
+        assert any("without native bf16" in str(w.message) for w in caught) is (bf16 is True and not native)
