@@ -398,7 +398,9 @@ class StepProgressBar(RichProgressBar):
     """Rich progress that reads "step 120/1000 (epoch 3)" when ``max_steps`` bounds the run.
 
     Lightning's bar counts epochs, which a step-bounded run does not have ("Epoch 16/-2"); the bar
-    itself still fills once per epoch. The logger's version number (``v_num``) is left out.
+    itself still fills once per epoch. The logger's version number (``v_num``) is left out, metric names lose
+    their ``train/`` prefix, and a terminal narrower than 120 columns shows the loss alone (the metrics column
+    otherwise wraps into a tall block at 80).
     """
 
     @property
@@ -428,4 +430,7 @@ class StepProgressBar(RichProgressBar):
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float]:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
-        return metrics
+        short = {name.removeprefix("train/").replace("outlier_fraction", "outliers"): value
+                 for name, value in metrics.items()}
+        narrow = self._console is not None and self._console.width < 120
+        return {k: v for k, v in short.items() if k == "loss"} if narrow and "loss" in short else short

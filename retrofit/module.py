@@ -12,6 +12,7 @@ student that can only reach the last block learns to hide their norm, not to rep
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -42,6 +43,10 @@ LORA_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"  # a plain "pro
 HEAD_PREFIXES = ("head", "fc_norm", "attn_pool")  # never reach the patch features: frozen even in `full`
 # The frozen teacher is in eval mode on purpose; Lightning would warn about it at the start of every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# Lightning's own internals under newer torch, and an advert for its hosted logger on every Trainer: nothing a
+# user of retrofit can act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
 
 
 def _starts(name: str, prefixes: Sequence[str]) -> bool:

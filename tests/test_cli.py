@@ -86,6 +86,7 @@ def test_fit_saves_resolved_config_checkpoint_metrics_and_timm_export(fitted: tu
 def test_progress_counts_steps_not_epochs(fitted: tuple[Path, str]) -> None:
     _, printed = fitted
     assert "step 2/2 (epoch 0)" in printed and "Epoch" not in printed and "v_num" not in printed
+    assert "loss:" in printed and "train/" not in printed  # the captured console is 80 columns: the loss alone
 
 
 def test_export_of_checkpoint_equals_fit_export(fitted: tuple[Path, str], workspace: dict[str, Path],
