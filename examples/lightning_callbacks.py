@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     out = Path(args.out)
-    module = RetrofitModule(args.backbone, checkpoint=args.checkpoint, num_registers=4, freeze="phreg")
+    module = RetrofitModule(args.backbone, checkpoint=args.checkpoint, num_registers=4)  # freeze="auto"
     data = RetrofitDataModule(args.images, img_size=args.img_size, batch_size=args.batch_size, num_workers=0)
     monitor = ArtifactMonitor(every_n_steps=args.every, stop_outlier_fraction=0.001, stop_fidelity=0.95)
     callbacks = [
