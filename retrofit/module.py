@@ -23,6 +23,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from peft import LoraConfig, PeftModel, get_peft_model
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
@@ -46,7 +47,7 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 # Lightning's own internals under newer torch, and an advert for its hosted logger on every Trainer: nothing a
 # user of retrofit can act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "💡 Tip" not in r.getMessage())
 
 
 def _starts(name: str, prefixes: Sequence[str]) -> bool:
@@ -325,10 +326,10 @@ class RetrofitModule(L.LightningModule):
         if self.needs_images and images is None:
             raise RetrofitError("this RetrofitModule finds the artifacts' onset block and register neurons on the "
                                 "training images: fit it with a datamodule, or set onset_block and register_neurons.")
-        onset, neurons = self.onset, None
+        onset, neurons, peak = self.onset, None, None
         if images is not None:
-            found = artifact_onset(layer_outlier_fractions(self.teacher, images, self.targets.settings.outlier_k))
-            onset = found if h.onset_block is None else onset
+            fractions = layer_outlier_fractions(self.teacher, images, self.targets.settings.outlier_k)
+            onset, peak = artifact_onset(fractions) if h.onset_block is None else onset, max(fractions)
             if h.register_neurons == "auto":
                 neurons = find_register_neurons(self.teacher, images, self.targets.settings.outlier_k)
         if h.register_neurons not in (None, "auto"):
@@ -341,6 +342,20 @@ class RetrofitModule(L.LightningModule):
             with torch.no_grad():
                 for block, units in self.neurons.units.items():
                     self.student_vit.blocks[block].mlp.fc2.weight[:, units] = 0
+        if peak is not None:
+            rank_zero_info(self._findings(peak, len(images)))
+
+    def _findings(self, peak: float, count: int) -> str:
+        """One line for the person starting the run: what the first batch showed and what will train."""
+        h = self.hparams
+        seen = f"up to {100 * peak:.2f}% high-norm outlier tokens in the first {count} images"
+        source = "no artifacts" if self.onset is None else f"artifacts start at block {self.onset}"
+        units = f"{self.neurons.count if self.neurons else 0} register neurons"
+        if self.neurons and h.neuron_targets:
+            units += " (the teacher's targets use them)"
+        trains = {"auto": "the registers" + ("" if self.onset is None else f" and block {self.onset}")}.get(
+            h.freeze, f"freeze={h.freeze}")
+        return f"retrofit: {seen}: {source}; {units}; training {trains}."
 
     def _first_images(self) -> Tensor:
         """The student's view of the first training batch, on the device the run uses."""

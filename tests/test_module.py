@@ -87,7 +87,7 @@ def test_phreg_trains_two_blocks_of_a_pre_norm_clip_model():
     assert any(n.startswith("blocks.4.") for n in trainable(module))
 
 
-def test_auto_trains_the_registers_and_the_block_where_the_artifacts_start():
+def test_auto_trains_the_registers_and_the_block_where_the_artifacts_start(caplog):
     torch.manual_seed(0)
     planted = plant_artifacts(timm.create_model("test_vit", pretrained=False, img_size=32, patch_size=8).eval(),
                               images=synthetic_images(32, 32, seed=2, mean=(0.5,) * 3, std=(0.5,) * 3))
@@ -98,9 +98,15 @@ def test_auto_trains_the_registers_and_the_block_where_the_artifacts_start():
     assert covered(trainable(module), {"reg_token"} | blocks(2)) and any("blocks.2." in n for n in trainable(module))
     assert module.neurons is not None and set(module.neurons.units) == {2}  # found, and used for the targets
     assert module.targets.neurons is module.neurons
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retrofit: up to")]
+    assert len(said) == 1 and "artifacts start at block 2; 4 register neurons" in said[0]
+    assert "training the registers and block 2." in said[0]
+    caplog.clear()
     clean = RetrofitModule(vit(), targets=FAST)
     trainer(1).fit(clean, datamodule=data())
     assert clean.onset is None and clean.neurons is None and trainable(clean) == {"reg_token"}
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retrofit: up to")]
+    assert len(said) == 1 and "no artifacts" in said[0] and "training the registers." in said[0]
 
 
 def test_lora_merges_into_a_plain_timm_model_with_identical_outputs():
