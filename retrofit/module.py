@@ -348,14 +348,14 @@ class RetrofitModule(L.LightningModule):
     def _findings(self, peak: float, count: int) -> str:
         """One line for the person starting the run: what the first batch showed and what will train."""
         h = self.hparams
-        seen = f"up to {100 * peak:.2f}% high-norm outlier tokens in the first {count} images"
+        seen = f"up to {100 * peak:.2f}% high-norm outlier tokens"
         source = "no artifacts" if self.onset is None else f"artifacts start at block {self.onset}"
         units = f"{self.neurons.count if self.neurons else 0} register neurons"
         if self.neurons and h.neuron_targets:
             units += " (the teacher's targets use them)"
         trains = {"auto": "the registers" + ("" if self.onset is None else f" and block {self.onset}")}.get(
             h.freeze, f"freeze={h.freeze}")
-        return f"retrofit: {seen}: {source}; {units}; training {trains}."
+        return f"First training batch ({count} images): {seen}, {source}; {units}; training {trains}."
 
     def _first_images(self) -> Tensor:
         """The student's view of the first training batch, on the device the run uses."""

@@ -98,14 +98,14 @@ def test_auto_trains_the_registers_and_the_block_where_the_artifacts_start(caplo
     assert covered(trainable(module), {"reg_token"} | blocks(2)) and any("blocks.2." in n for n in trainable(module))
     assert module.neurons is not None and set(module.neurons.units) == {2}  # found, and used for the targets
     assert module.targets.neurons is module.neurons
-    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retrofit: up to")]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("First training batch")]
     assert len(said) == 1 and "artifacts start at block 2; 4 register neurons" in said[0]
     assert "training the registers and block 2." in said[0]
     caplog.clear()
     clean = RetrofitModule(vit(), targets=FAST)
     trainer(1).fit(clean, datamodule=data())
     assert clean.onset is None and clean.neurons is None and trainable(clean) == {"reg_token"}
-    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retrofit: up to")]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("First training batch")]
     assert len(said) == 1 and "no artifacts" in said[0] and "training the registers." in said[0]
 
 
