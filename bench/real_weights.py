@@ -36,7 +36,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import Tensor, nn
 
 from retrofit import patch_features, retrofit
-from retrofit.metrics import outlier_mask, patch_cosine
+from retrofit.metrics import outlier_mask, repair_scores
 from retrofit.neurons import find_register_neurons, test_time_registers
 from retrofit.synthetic import plant_artifacts
 
@@ -195,15 +195,13 @@ def held_out_crops(size: int) -> Tensor:
 
 
 def repair(model: nn.Module, truth: nn.Module, images: Tensor, artifacts: Tensor) -> dict[str, float]:
-    """Outliers left and patch cosine to the artifact-free truth: all, at the artifacts, next to them, elsewhere."""
+    """Outliers left and :func:`repair_scores` against the artifact-free truth, as ``cos``, ``cos_p5``,
+    ``cos_artifacts``, ``cos_neighbours`` and ``cos_elsewhere``."""
     with torch.no_grad():
-        cos = patch_cosine(patch_features(model, images), patch_features(truth, images))
-        outliers = outlier_mask(patch_features(model, images)).float().mean().item()
-    near = F.max_pool2d(artifacts.float()[:, None], 3, 1, 1)[:, 0].bool() & ~artifacts
-    return {"outliers": outliers, "cos": cos.mean().item(), "cos_p5": cos.flatten().quantile(0.05).item(),
-            "cos_artifacts": cos[artifacts].mean().item() if artifacts.any() else float("nan"),
-            "cos_neighbours": cos[near].mean().item() if near.any() else float("nan"),
-            "cos_elsewhere": cos[~artifacts & ~near].mean().item()}
+        features = patch_features(model, images)
+        scores = repair_scores(features, patch_features(truth, images), artifacts)
+    return {"outliers": outlier_mask(features).float().mean().item(),
+            **{"cos" if key == "all" else f"cos_{key}": value for key, value in scores.items()}}
 
 
 def main() -> None:
