@@ -26,7 +26,7 @@ from retrofit.images import data_config
 from retrofit.metrics import patch_cosine
 from retrofit.module import RetrofitModule
 from retrofit.synthetic import plant_artifacts, synthetic_images
-from retrofit.targets import Targets, Views, crop_center
+from retrofit.targets import DenoisedTargets, Targets, Views, crop_center
 
 # Without a Trainer, LightningModule.log warns on every step; the bench calls training_step bare.
 warnings.filterwarnings("ignore", message=".*self.log\\(\\)")
@@ -42,6 +42,11 @@ def build_teacher(name: str, img_size: int, depth: int | None, artifacts: bool, 
     torch.manual_seed(0)
     base = timm.create_model(name, pretrained=False, **kwargs).eval()
     return plant_artifacts(base, silent=not artifacts).to(device)
+
+
+def view_margin(teacher: nn.Module, img_size: int) -> int:
+    """Patches of real pixels around the student's window that the default target settings shift views into."""
+    return DenoisedTargets(teacher).margin_patches(grid_size(teacher, img_size, img_size)[0])
 
 
 def make_batch(teacher: nn.Module, n: int, img_size: int, margin: int, seed: int = 0, prefix: str = "img") -> dict:

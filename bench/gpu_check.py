@@ -20,11 +20,11 @@ from typing import Any
 
 import timm
 import torch
-from common import Trainee, make_batch, peak_memory, target_quality
+from common import Trainee, make_batch, target_quality, timed, view_margin
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from retrofit.features import grid_size, patch_features, patch_size
+from retrofit.features import patch_features, patch_size
 from retrofit.metrics import outlier_mask
 from retrofit.module import RetrofitModule
 from retrofit.synthetic import plant_artifacts
@@ -57,37 +57,26 @@ def teachers(case: Case, device: str) -> tuple[nn.Module, nn.Module]:
 
 def step_row(name: str, case: Case, teacher: nn.Module, args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
     """Timing, FLOPs and peak memory of default-preset steps (bf16 autocast on CUDA, like ``bf16-mixed``)."""
-    grid = grid_size(teacher, case.img_size, case.img_size)[0]
-    margin = DenoisedTargets(teacher).margin_patches(grid)
+    margin = view_margin(teacher, case.img_size)
     batch = make_batch(teacher, case.batch, case.img_size, margin)
     try:
         t = Trainee.build(RetrofitModule, teacher, batch, margin, args.device == "cuda", **kwargs)
         t.step(batch)  # warm-up: kernels, allocator
-        with peak_memory(args.device) as mem:
-            times = []
-            for _ in range(args.steps):
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                t.step(batch)
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
+        runs = [timed(lambda: t.step(batch), args.device) for _ in range(args.steps)]
         with FlopCounterMode(display=False) as counter:
             t.step(batch)
     except torch.OutOfMemoryError:
         return {"run": name, "note": "out of memory"}
-    seconds = statistics.median(times)
+    seconds, peak = statistics.median(r.seconds for r in runs), max(r.peak for r in runs)
     tflop = counter.get_total_flops() / 1e12
     mfu = f"{100 * tflop / seconds / args.peak_tflops:.1f}%" if args.device == "cuda" else "n/a (CPU)"
     return {"run": name, "s/step": f"{seconds:.3f}", "images/s": f"{case.batch / seconds:.1f}",
-            "TFLOP/step": f"{tflop:.2f}", "MFU": mfu, "peak MiB": f"{mem['peak']:.0f}", "seconds": seconds}
+            "TFLOP/step": f"{tflop:.2f}", "MFU": mfu, "peak MiB": f"{peak:.0f}", "seconds": seconds}
 
 
 def quality_row(case: Case, teacher: nn.Module, twin: nn.Module, device: str) -> dict[str, Any]:
     """Target cosine to the twin's features (all / artifact positions), teacher in bf16 vs float32."""
-    grid = grid_size(teacher, case.img_size, case.img_size)[0]
-    margin = DenoisedTargets(teacher).margin_patches(grid)
+    margin = view_margin(teacher, case.img_size)
     batch = make_batch(teacher, case.batch, case.img_size, margin, seed=3)
     center = crop_center(batch["image"], margin * patch_size(teacher)[0])
     with torch.no_grad():
@@ -104,8 +93,7 @@ def fp16_row(case: Case, teacher: nn.Module, args: argparse.Namespace) -> dict[s
     """A few ``16-mixed`` steps (fp16 autocast + GradScaler): finite, or the overflow named with its fix."""
     if args.device != "cuda":
         return {"run": "16-mixed", "note": "CUDA only"}
-    grid = grid_size(teacher, case.img_size, case.img_size)[0]
-    margin = DenoisedTargets(teacher).margin_patches(grid)
+    margin = view_margin(teacher, case.img_size)
     batch = make_batch(teacher, case.batch, case.img_size, margin)
     t = Trainee.build(RetrofitModule, teacher, batch, margin)
     scaler = torch.amp.GradScaler("cuda")

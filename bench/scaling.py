@@ -14,11 +14,11 @@ import argparse
 import statistics
 
 import torch
-from common import Trainee, build_teacher, interleaved, make_batch
+from common import Trainee, build_teacher, interleaved, make_batch, view_margin
 
 from retrofit.features import grid_size
 from retrofit.module import RetrofitModule
-from retrofit.targets import DenoisedTargets, TargetSettings
+from retrofit.targets import TargetSettings
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     for size in args.sizes:
         teacher = build_teacher(args.model, size, args.depth, True, args.device)
         grid = grid_size(teacher, size, size)[0]
-        margin = DenoisedTargets(teacher).margin_patches(grid)
+        margin = view_margin(teacher, size)
         batch = make_batch(teacher, args.batch, size, margin)
         for views in args.views:
             settings = TargetSettings(num_views=views, bf16=args.bf16, min_clean_views=0, mask_outliers=False)

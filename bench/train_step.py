@@ -27,13 +27,14 @@ from common import (
     spread,
     target_quality,
     timed,
+    view_margin,
 )
 from torch.utils.flop_counter import FlopCounterMode
 
 from retrofit.features import grid_size, patch_features, patch_size
 from retrofit.metrics import outlier_mask
 from retrofit.module import RetrofitModule
-from retrofit.targets import DenoisedTargets, Targets, crop_center
+from retrofit.targets import Targets, crop_center
 
 # Dense bf16 peak of the GPUs the goal is stated for (NVIDIA datasheets, no sparsity).
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
@@ -159,7 +160,7 @@ def main() -> None:
     teacher = build_teacher(args.model, args.img_size, args.depth, not args.no_artifacts, args.device)
     p = patch_size(teacher)[0]
     grid = grid_size(teacher, args.img_size, args.img_size)
-    margin = DenoisedTargets(teacher).margin_patches(grid[0])
+    margin = view_margin(teacher, args.img_size)
     batch = make_batch(teacher, args.batch, args.img_size, margin)
     center = crop_center(batch["image"], margin * p)
     clean = teacher if args.no_artifacts else build_teacher(args.model, args.img_size, args.depth, False, args.device)
