@@ -85,9 +85,6 @@ class TargetSettings:
         for ok, problem in checks:
             if not ok:
                 raise RetrofitError(f"{problem}: fix the TargetSettings value.")
-        if self.bf16 and not torch.cuda.is_available() and not native_bf16(torch.device("cpu")):
-            warnings.warn("bf16=True on a CPU without native bf16 (AVX512-BF16/AMX): the teacher's views run about "
-                          "7x slower than in float32; leave bf16 unset to choose automatically.", stacklevel=3)
 
     def key(self) -> str:
         """Stable short hash of everything that changes the targets (for cache directories)."""
@@ -280,6 +277,19 @@ class DenoisedTargets:
         self.layers = block_indices(teacher, layers)
         self.generator = torch.Generator().manual_seed(seed)
         self.neurons = neurons
+        self._bf16: dict[torch.device, bool] = {}  # per device the teacher has run on: decided once, not per batch
+
+    def _use_bf16(self, device: torch.device) -> bool:
+        """``settings.bf16``, or where unset whether bf16 is native on ``device``; forcing it where bf16 is
+        emulated is allowed, and said once."""
+        if device not in self._bf16:
+            native = native_bf16(device)
+            if self.settings.bf16 and not native:
+                warnings.warn(f"bf16=True on a {device.type} without native bf16 (AVX512-BF16/AMX): the teacher's "
+                              "views run about 7x slower than in float32; leave bf16 unset to choose automatically.",
+                              stacklevel=3)
+            self._bf16[device] = native if self.settings.bf16 is None else self.settings.bf16
+        return self._bf16[device]
 
     def get_rng_state(self) -> Tensor:
         """State of the view generator, for a training checkpoint."""
@@ -318,7 +328,7 @@ class DenoisedTargets:
         views = self.draw_views(len(images), grid) if views is None else views
         _check_views(views, len(images), grid)
         self.teacher.eval()
-        use_bf16 = native_bf16(ref.device) if self.settings.bf16 is None else self.settings.bf16
+        use_bf16 = self._use_bf16(ref.device)
         # with register neurons the teacher runs with test-time registers: its artifacts mostly never form, and
         # views are only drawn for the images where some remain
         moved = self.neurons is not None and self.neurons.count > 0
