@@ -182,11 +182,13 @@ def find_register_neurons(
 
 def _move_to_registers(units: list[int], prefix: int, count: int):
     """fc2 pre-hook: zero the units on the patch tokens and give each register the image's largest-magnitude value."""
-    index = torch.tensor(units)
+    index: dict[torch.device, Tensor] = {}  # the unit indices on each device they are used on, made once
 
     def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         h = args[0].clone()
-        idx = index.to(h.device)
+        if h.device not in index:
+            index[h.device] = torch.tensor(units, device=h.device)
+        idx = index[h.device]
         patches = h[:, prefix + count:, idx]  # (B, N, U)
         peak = patches.gather(1, patches.abs().argmax(dim=1, keepdim=True))  # (B, 1, U)
         h[:, prefix:prefix + count, idx] = peak.expand(-1, count, -1)
@@ -259,8 +261,8 @@ def test_time_registers(model: nn.Module, neurons: RegisterNeurons, num_register
         for b, units in neurons.units.items():
             if units:
                 stack.callback(fc2s[b].register_forward_pre_hook(_move_to_registers(units, prefix, count)).remove)
+        hide = _hide_keys(prefix, prefix + count)
         for blk in model.blocks[:first]:
-            hide = _hide_keys(prefix, prefix + count)
             stack.callback(blk.attn.register_forward_pre_hook(hide, with_kwargs=True).remove)
         yield model
 
