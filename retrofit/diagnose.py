@@ -22,6 +22,7 @@ from .features import block_indices, inference, model_device, patch_features
 from .files import write_json
 from .maps import ImageMaps, compute_maps, display_rgb
 from .metrics import (
+    REPAIR_KEYS,
     FeatureFidelity,
     OutlierFraction,
     PatchNormStats,
@@ -278,8 +279,8 @@ def render_repair(report: dict[str, Any]) -> Table | None:
         return None
     table = Table(box=box.SIMPLE_HEAD, title="Patch cosine to the reference (artifact-free) model")
     table.add_column("model", overflow="fold")
-    for head in ("all", "p5", "artifacts", "neighbours", "elsewhere"):
+    for head in REPAIR_KEYS:
         table.add_column(head, justify="right", no_wrap=True)
     for label, scores in report["repair"].items():
-        table.add_row(label, *(f"{scores[key]:.3f}" for key in ("all", "p5", "artifacts", "neighbours", "elsewhere")))
+        table.add_row(label, *(f"{scores[key]:.3f}" for key in REPAIR_KEYS))
     return table

@@ -305,6 +305,10 @@ def neighbours(mask: Tensor) -> Tensor:
     return grown & ~mask
 
 
+REPAIR_KEYS = ("all", "p5", "artifacts", "neighbours", "elsewhere")
+"""The keys of :func:`repair_scores`, in the order reports show them."""
+
+
 def repair_scores(features: Tensor, reference: Tensor, artifacts: Tensor) -> dict[str, float]:
     """Patch cosine to artifact-free reference features, over all tokens and where the artifacts did their harm.
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import write_atomic
+from .metrics import REPAIR_KEYS
 
 PAGE_NAME = "index.html"
 
@@ -78,11 +79,10 @@ def _models_table(report: Mapping[str, Any]) -> str:
                 f"mean {cosine['mean']:.3f}, 5th percentile {cosine['p5']:.3f}")
         table += f"<p>Patch cosine between <b>{_e(a)}</b> and <b>{_e(b)}</b> (final features): {_e(note)}.</p>"
     if report.get("repair"):  # scored against an artifact-free reference model
-        keys = ("all", "p5", "artifacts", "neighbours", "elsewhere")
-        rows = [[_cell(label, "text"), *(_cell(f"{scores[k]:.3f}") for k in keys)]
+        rows = [[_cell(label, "text"), *(_cell(f"{scores[k]:.3f}") for k in REPAIR_KEYS)]
                 for label, scores in report["repair"].items()]
         table += ("<p>Patch cosine to the artifact-free reference model, at the first model's artifacts, their "
-                  "8 neighbours and elsewhere:</p>" + _table(["model", *keys], rows))
+                  "8 neighbours and elsewhere:</p>" + _table(["model", *REPAIR_KEYS], rows))
     return table
 
 
