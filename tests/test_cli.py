@@ -16,6 +16,7 @@ import timm
 import torch
 import yaml
 from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator  # the dev extra installs it
 
 from retrofit import load, patch_features
 from retrofit.cli import console, fit_config, main
@@ -244,7 +245,6 @@ def test_diagnose_compare_writes_json_pngs_and_page_and_fits_80_columns(compared
 
 def test_fit_sends_maps_and_scalars_to_tensorboard(fitted: tuple[Path, str]) -> None:
     run, _ = fitted
-    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     events = event_accumulator.EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     maps = events.Images("norm_maps")

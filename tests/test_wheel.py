@@ -1,19 +1,16 @@
 """A real wheel, installed outside the checkout, carries the recipes and runs the CLI from any directory."""
 
-import importlib.util
 import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("hatchling") is None, reason="the dev extra installs hatchling")
 def test_installed_wheel_lists_recipes_and_fits_from_a_recipe_name(tmp_path: Path) -> None:
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     dist, site, elsewhere = tmp_path / "dist", tmp_path / "site", tmp_path / "elsewhere"
