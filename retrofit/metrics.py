@@ -283,22 +283,6 @@ class PositionLeakage(Metric):
         return (1 - sse / sst).mean().clamp_min(0).float()
 
 
-def layer_outlier_fractions(model: torch.nn.Module, images: Tensor, k: float = 3.0) -> list[float]:
-    """High-norm outlier fraction of the patch tokens after every block (final norm applied), in model order."""
-    with torch.no_grad():
-        grids = patch_features(model, images, layers=list(range(len(model.blocks))))
-    return [outlier_mask(grid, k).float().mean().item() for grid in grids]
-
-
-def artifact_onset(fractions: Sequence[float], min_fraction: float = 0.002) -> int | None:
-    """The first block whose output holds at least half of the model's peak outlier fraction (None when the peak
-    is below ``min_fraction``: no artifacts worth the name). Artifacts are made where they first appear."""
-    peak = max(fractions, default=0.0)
-    if peak < min_fraction:
-        return None
-    return next(i for i, f in enumerate(fractions) if f >= peak / 2)
-
-
 def neighbours(mask: Tensor) -> Tensor:
     """(B, H, W) bool: the 8-neighbourhood of ``mask``'s tokens, without those tokens."""
     grown = F.max_pool2d(mask.float()[:, None], kernel_size=3, stride=1, padding=1)[:, 0].bool()

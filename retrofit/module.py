@@ -33,8 +33,9 @@ from .cache import TargetCache
 from .errors import RetrofitError, first_line
 from .export import export
 from .features import block_indices, patch_features, patch_size
-from .metrics import artifact_onset, layer_outlier_fractions, outlier_mask
+from .metrics import outlier_mask
 from .neurons import RegisterNeurons, find_register_neurons
+from .residual import blocks_text
 from .surgery import RegisterInit, add_registers, check_supported, timm_model
 from .targets import DenoisedTargets, Targets, TargetSettings, crop_center
 
@@ -55,15 +56,11 @@ def _starts(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
 
 
-def auto_blocks(onset: int | None) -> list[int]:
-    """Blocks the ``auto`` preset trains: the block where the artifacts start (they are made there, by a few MLP
-    units); none for a model without artifacts."""
-    return [] if onset is None else [onset]
-
-
-def trainable_prefixes(model: nn.Module, freeze: FreezePreset, last_k: int = 1, onset: int | None = None) -> list[str]:
+def trainable_prefixes(model: nn.Module, freeze: FreezePreset, last_k: int = 1,
+                       artifact_blocks: Sequence[int] = ()) -> list[str]:
     """Parameter-name prefixes a freeze preset trains (before any LoRA adapters are added).
 
+    ``auto``: registers and ``artifact_blocks``, the blocks where the artifacts build (none: registers only).
     ``phreg``: registers, position embedding, patch embedding and the last block - the last two for
     pre-norm CLIP-style models (``norm_pre`` is not Identity). ``last-k``: registers, position
     embedding, last ``last_k`` blocks. ``lora``: registers and position embedding (the adapters come on
@@ -71,9 +68,9 @@ def trainable_prefixes(model: nn.Module, freeze: FreezePreset, last_k: int = 1, 
     """
     depth = len(model.blocks)
     tokens = [n for n in ("reg_token", "pos_embed") if getattr(model, n, None) is not None]
-    if freeze == "auto":  # registers and the block that makes the artifacts; nothing else to drift
+    if freeze == "auto":  # registers and the blocks that make the artifacts; nothing else to drift
         registers = ["reg_token"] if getattr(model, "reg_token", None) is not None else []
-        return registers + [f"blocks.{i}." for i in auto_blocks(onset)]
+        return registers + [f"blocks.{i}." for i in artifact_blocks]
     if freeze == "phreg":
         last = 2 if not isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity) else 1
         return tokens + ["patch_embed."] + [f"blocks.{i}." for i in range(depth - last, depth)]
@@ -144,7 +141,7 @@ class RetrofitModule(L.LightningModule):
         register_init: how new registers start: ``timm`` (std 1e-6: the model barely changes at step 0, so a
             model without artifacts keeps its features), ``randn`` (randn / sqrt(dim), PH-Reg), ``zeros``,
             ``cls`` or ``mean_patch``.
-        freeze: what trains: ``auto`` (registers and the block where the artifacts start, ``onset_block``;
+        freeze: what trains: ``auto`` (registers and the blocks where the artifacts build, ``artifact_blocks``;
             registers only for a model without artifacts), ``phreg`` (registers, position and patch embedding,
             last block - two for CLIP-style models; PH-Reg's choice), ``last-k`` (registers, position
             embedding, last ``last_k`` blocks), ``lora`` (LoRA on the blocks' attn.qkv/attn.proj/mlp.fc1/mlp.fc2
@@ -162,13 +159,16 @@ class RetrofitModule(L.LightningModule):
         schedule: ``exp`` (exponential decay from lr to min_lr over the run, PH-Reg) or ``cosine``; both per step.
         warmup_steps: linear warmup steps before the schedule.
         mse_weight: weight of the MSE term; the loss is (1 - cosine) + mse_weight * MSE per layer.
-        loss_layers: block indices whose (final-normed) patch tokens also enter the loss, besides the output;
-            ``auto``: the onset block, whose output the artifacts have not yet spread from.
-        onset_block: the block where the artifacts start; None finds it on the first training batch (the first
-            block whose output holds half the peak outlier fraction; see :func:`retrofit.metrics.artifact_onset`).
-        register_neurons: the MLP units that make the artifacts (:mod:`retrofit.neurons`): ``auto`` finds them on
-            the first training batch (units at least 10x as active at the artifacts as elsewhere), a path reads
-            a ``retrofit neurons`` file, None uses none.
+        loss_layers: block indices whose (final-normed) patch tokens also enter the loss, besides the output
+            (negative ones count from the end; the last block is the output itself); ``auto``: the blocks where
+            the artifacts build.
+        artifact_blocks: the blocks where the artifacts build; None finds them on ``source_images`` training
+            images (in the residual stream: :func:`retrofit.metrics.residual_profile`).
+        source_images: how many training images decide where the artifacts build and which units make them
+            (one batch may hold too few artifacts); found once, kept in the checkpoint, reused on resume.
+        register_neurons: the MLP units that make the artifacts (:mod:`retrofit.neurons`): ``auto`` finds them
+            with the blocks where they build (units that fire at the artifact tokens and write along them), a path
+            reads a ``retrofit neurons`` file (which also says where they build), None uses none.
         neuron_targets: the teacher runs with test-time registers on those units while making targets: its
             artifacts mostly never form, so most images need one teacher forward instead of shifted views.
         ablate_neurons: switch those units off in the student before training (its starting point).
@@ -201,7 +201,8 @@ class RetrofitModule(L.LightningModule):
         warmup_steps: int = 0,
         mse_weight: float = 1.0,
         loss_layers: list[int] | Literal["auto"] | None = "auto",
-        onset_block: int | None = None,
+        artifact_blocks: list[int] | None = None,
+        source_images: int = 64,
         register_neurons: str | None = "auto",
         neuron_targets: bool = True,
         ablate_neurons: bool = False,
@@ -216,12 +217,11 @@ class RetrofitModule(L.LightningModule):
         self.hparams["targets"] = asdict(settings)  # plain values: checkpoints load with weights_only=True
         self._check_settings()
         self.teacher = self._load_teacher(backbone, checkpoint, model_kwargs or {})
-        self.onset: int | None = onset_block
-        self.neurons: RegisterNeurons | None = None
         self.student = self._build_student()
+        self.source: RegisterNeurons | None = None  # where the artifacts build and their units: prepare() finds it
         self.loss_layers: tuple[int, ...] = ()
         self.targets = DenoisedTargets(self.teacher, settings, seed=seed)
-        self._set_onset(onset_block)
+        self._settle(None)
         self.margin = 0  # patches of real pixels around the student's window; set from the data in setup()
         self._cache: TargetCache | None = None
 
@@ -259,28 +259,48 @@ class RetrofitModule(L.LightningModule):
         return vit
 
     def _apply_freeze(self) -> None:
-        """requires_grad after the freeze preset (``auto`` depends on the onset block, known from the data)."""
+        """requires_grad after the freeze preset (``auto`` depends on where the artifacts build, known from the data)."""
         h, vit = self.hparams, self.student_vit
-        prefixes = trainable_prefixes(vit, h.freeze, h.last_k, self.onset)
+        prefixes = trainable_prefixes(vit, h.freeze, h.last_k, self.artifact_blocks)
         for name, p in vit.named_parameters():
             if _starts(name, prefixes):
                 p.requires_grad_(True)
             elif h.freeze != "lora":
                 p.requires_grad_(False)
 
-    def _set_onset(self, onset: int | None) -> None:
-        """Fix the onset block: the trainable set and, with ``loss_layers='auto'``, the loss layers follow it."""
+    @property
+    def artifact_blocks(self) -> list[int]:
+        """The blocks where the teacher's artifacts build: ``artifact_blocks`` as set, else as found (empty before
+        :meth:`prepare` and for a model without artifacts)."""
+        given = self.hparams.artifact_blocks
+        if given is not None:
+            return list(block_indices(self.teacher, given))
+        return [] if self.source is None else self.source.blocks
+
+    @property
+    def neurons(self) -> RegisterNeurons | None:
+        """The register neurons in use (None: none found, none wanted, or not settled yet)."""
+        wanted = self.hparams.register_neurons is not None
+        return self.source if wanted and self.source is not None and self.source.count else None
+
+    def _settle(self, source: RegisterNeurons | None) -> None:
+        """Take ``source`` (what was found about the teacher's artifacts) as the run's: what trains, the loss layers
+        and the targets' register neurons follow from it. The only place that changes them."""
         h = self.hparams
-        self.onset = onset
+        self.source = source
         self._apply_freeze()
-        if h.loss_layers == "auto":  # the onset block's output: there the other tokens are not yet touched
-            layers = () if onset is None else (onset,)
-        else:
-            layers = h.loss_layers or ()
-        self.loss_layers = block_indices(self.teacher, layers)
-        neurons = self.neurons if h.neuron_targets else None
-        self.targets = DenoisedTargets(self.teacher, self.targets.settings, layers=self.loss_layers, seed=h.seed,
-                                       neurons=neurons)
+        layers = self._auto_loss_layers() if h.loss_layers == "auto" else (h.loss_layers or ())
+        last = len(self.teacher.blocks) - 1  # the last block through the final norm is the output itself
+        self.loss_layers = tuple(i for i in block_indices(self.teacher, layers) if i != last)
+        self.targets.use(layers=self.loss_layers, neurons=self.neurons if h.neuron_targets else None)
+        if h.ablate_neurons and self.neurons is not None:
+            with torch.no_grad():
+                for block, units in self.neurons.units.items():
+                    self.student_vit.blocks[block].mlp.fc2.weight[:, units] = 0
+
+    def _auto_loss_layers(self) -> list[int]:
+        """``loss_layers='auto'``: the output of every block where the artifacts build."""
+        return self.artifact_blocks
 
     @property
     def student_vit(self) -> nn.Module:
@@ -297,7 +317,7 @@ class RetrofitModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Tell a RetrofitDataModule the backbone's patch size, normalisation and the margin targets need, then
-        :meth:`prepare` on the first training batch."""
+        :meth:`prepare` on ``source_images`` training images (a resumed run takes what its checkpoint found)."""
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "configure_for"):
             if self.hparams.cache_dir is not None and getattr(dm, "random_crop", False):
@@ -308,62 +328,68 @@ class RetrofitModule(L.LightningModule):
             grid = dm.img_size // patch_size(self.teacher)[0]
             dm.configure_for(self.teacher, self.targets.margin_patches(grid))
             self.margin = dm.margin
-        if stage == "fit":
-            self.prepare(self._first_images() if self.needs_images else None)
+        if stage == "fit" and self.trainer.ckpt_path is None:
+            self.prepare(*self._source_images() if self.needs_images else (None, None))
 
     @property
     def needs_images(self) -> bool:
-        """Whether :meth:`prepare` looks at the teacher's artifacts (onset block or register neurons to find)."""
+        """Whether :meth:`prepare` searches the teacher for its artifacts (where they build, register neurons)."""
         h = self.hparams
-        return (h.onset_block is None and "auto" in (h.freeze, h.loss_layers)) or h.register_neurons == "auto"
+        wants_blocks = h.artifact_blocks is None and "auto" in (h.freeze, h.loss_layers)
+        return h.register_neurons == "auto" or (wants_blocks and h.register_neurons is None)
 
-    def prepare(self, images: Tensor | None = None) -> None:
-        """Settle what depends on the teacher's artifacts, from ``images`` (what the student sees, normalised):
-        the onset block (``freeze`` / ``loss_layers`` ``auto``) and the register neurons (``register_neurons``
-        ``auto``, else read from their file). Under a Trainer, rank 0's findings go to every rank. Called by
+    def prepare(self, images: Tensor | None = None, names: Sequence[str] | None = None) -> None:
+        """Settle what depends on the teacher's artifacts, once: where they build and the register neurons that
+        make them, found on ``images`` (what the student sees, normalised; ``names`` label them in the record) or
+        read from the ``register_neurons`` file. Under a Trainer, rank 0's findings go to every rank. Called by
         :meth:`setup`; call it yourself when stepping the module without a Trainer."""
         h = self.hparams
         if self.needs_images and images is None:
-            raise RetrofitError("this RetrofitModule finds the artifacts' onset block and register neurons on the "
-                                "training images: fit it with a datamodule, or set onset_block and register_neurons.")
-        onset, neurons, peak = self.onset, None, None
+            raise RetrofitError("this RetrofitModule finds where the artifacts build and the register neurons on "
+                                "training images: fit it with a datamodule, or pass images to prepare().")
+        source = None
         if images is not None:
-            fractions = layer_outlier_fractions(self.teacher, images, self.targets.settings.outlier_k)
-            onset, peak = artifact_onset(fractions) if h.onset_block is None else onset, max(fractions)
-            if h.register_neurons == "auto":
-                neurons = find_register_neurons(self.teacher, images, self.targets.settings.outlier_k)
-        if h.register_neurons not in (None, "auto"):
-            neurons = RegisterNeurons.load(h.register_neurons)
+            source = find_register_neurons(self.teacher, images, self.targets.settings.outlier_k, names=names)
+        elif h.register_neurons not in (None, "auto"):
+            source = RegisterNeurons.load(h.register_neurons)
         if self._trainer is not None:
-            onset, neurons = self.trainer.strategy.broadcast((onset, neurons), src=0)
-        self.neurons = neurons if neurons is not None and neurons.count else None
-        self._set_onset(onset)
-        if h.ablate_neurons and self.neurons is not None:
-            with torch.no_grad():
-                for block, units in self.neurons.units.items():
-                    self.student_vit.blocks[block].mlp.fc2.weight[:, units] = 0
-        if peak is not None:
-            rank_zero_info(self._findings(peak, len(images)))
+            source = self.trainer.strategy.broadcast(source, src=0)
+        self._settle(source)
+        rank_zero_info(self.findings())
 
-    def _findings(self, peak: float, count: int) -> str:
-        """One line for the person starting the run: what the first batch showed and what will train."""
-        h = self.hparams
-        seen = f"up to {100 * peak:.2f}% high-norm outlier tokens"
-        source = "no artifacts" if self.onset is None else f"artifacts start at block {self.onset}"
-        units = f"{self.neurons.count if self.neurons else 0} register neurons"
-        if self.neurons and h.neuron_targets:
-            units += " (the teacher's targets use them)"
-        trains = {"auto": "the registers" + ("" if self.onset is None else f" and block {self.onset}")}.get(
-            h.freeze, f"freeze={h.freeze}")
-        return f"First training batch ({count} images): {seen}, {source}; {units}; training {trains}."
+    def findings(self) -> str:
+        """The run's first line: what it found about the teacher's artifacts and what will train."""
+        h, source = self.hparams, self.source
+        if source is None:
+            seen = "No artifact search (the settings say where to train)"
+        else:
+            peak = max(source.profile.outliers, default=0.0) if source.profile else 0.0
+            seen = (f"Artifact source ({len(source.images)} training images): up to {100 * peak:.2f}% high-norm "
+                    f"outlier tokens in the residual stream, {source.describe()}")
+        uses = " (the teacher's targets use them)" if self.neurons is not None and h.neuron_targets else ""
+        where = blocks_text(self.artifact_blocks)
+        trains = {"auto": "the registers" + (f" and {where}" if where else "")}.get(h.freeze, f"freeze={h.freeze}")
+        return f"{seen}{uses}; training {trains}."
 
-    def _first_images(self) -> Tensor:
-        """The student's view of the first training batch, on the device the run uses."""
-        # Lightning's own record of what fit was given: a datamodule, a loader or the module's hook
-        batch = next(iter(self.trainer.fit_loop._data_source.dataloader()))
+    def _source_images(self) -> tuple[Tensor, list[str]]:
+        """``source_images`` images from the training data, as the student sees them, on the run's device."""
+        want = self.hparams.source_images
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None:
+            loader = dm.train_dataloader()
+        else:  # a loader passed to fit() directly: Lightning 2.6 keeps it only in this private attribute
+            loader = self.trainer.fit_loop._data_source.dataloader()
+        images, names = [], []
+        for batch in loader:
+            images.append(batch["image"])
+            names += [str(key) for key in batch["key"]]
+            if len(names) >= want:
+                break
         device = self.trainer.strategy.root_device
         self.teacher.to(device)  # Lightning moves the whole module there next anyway
-        return crop_center(batch["image"], self.margin * patch_size(self.teacher)[0]).to(device)
+        pixels = crop_center(torch.cat(images)[:want], self.margin * patch_size(self.teacher)[0])
+        return pixels.to(device), names[:want]
+
 
     def batch_targets(self, images: Tensor, keys: Sequence[str]) -> Targets:
         """The targets of a training batch (from the target cache when there is one); override to make them
@@ -419,6 +445,9 @@ class RetrofitModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
         total = self.trainer.estimated_stepping_batches
+        if not any(p.requires_grad for p in self.student.parameters()):
+            raise RetrofitError("nothing to train: no registers (num_registers=0) and no artifacts to repair with "
+                                "freeze='auto': add registers or choose another freeze preset.")
         if not math.isfinite(total):
             raise RetrofitError("the run has no fixed length, so the lr schedule cannot be laid out: set max_steps.")
         optimizer = torch.optim.AdamW(self.param_groups(), lr=h.lr, betas=(0.9, 0.999))
@@ -438,16 +467,14 @@ class RetrofitModule(L.LightningModule):
         for key in self._teacher_keys():
             checkpoint["state_dict"].pop(key, None)
         checkpoint["target_rng_state"] = self.targets.get_rng_state()
-        checkpoint["onset_block"] = self.onset
-        checkpoint["register_neurons"] = None if self.neurons is None else self.neurons.to_dict()
+        checkpoint["artifact_source"] = None if self.source is None else self.source.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
-        if "register_neurons" in checkpoint:  # what the run found, not what this run's first batch would show
-            found = checkpoint["register_neurons"]
-            self.neurons = None if found is None else RegisterNeurons.from_dict(found)
-        if "onset_block" in checkpoint:
-            self._set_onset(checkpoint["onset_block"])
+        if "artifact_source" in checkpoint:  # what the run found, not what a new search would show
+            found = checkpoint["artifact_source"]
+            self._settle(None if found is None else RegisterNeurons.from_dict(found))
+            rank_zero_info("Resumed: " + self.findings())
         if "target_rng_state" in checkpoint:
             self.targets.set_rng_state(checkpoint["target_rng_state"])
 

@@ -1,9 +1,10 @@
 """Register neurons and training-free test-time registers (Jiang et al. 2025, "Vision Transformers Don't Need
 Trained Registers").
 
-A few MLP units in middle blocks make a ViT's high-norm artifacts: they fire hard at the artifact positions
-and almost nowhere else. :func:`find_register_neurons` ranks every block's MLP units by their mean
-|activation| at the high-norm outlier tokens of the output; :func:`test_time_registers` appends extra tokens
+MLP units in middle blocks make a ViT's high-norm artifacts: they fire hard at the artifact positions and almost
+nowhere else, and write the artifacts' large vector into the residual stream. :func:`find_register_neurons`
+finds the blocks where the artifacts build and keeps every unit there that fires at the artifact tokens and
+writes along them; :func:`test_time_registers` appends extra tokens
 and, at the chosen units, moves each image's largest activation from the patch tokens onto them, so the
 artifacts never form - no training, no weight change.
 
@@ -21,41 +22,62 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import RetrofitError
-from .features import block_indices, patch_features
 from .files import write_json
-from .metrics import artifact_onset, outlier_mask
+from .residual import ResidualProfile, forwards, residual_profile
 from .progress import track
 from .surgery import check_supported
 
 
 @dataclass
 class RegisterNeurons:
-    """Chosen MLP units per block, with the numbers they were chosen by (JSON-able)."""
+    """Where a model's artifacts are made and the MLP units that make them, with the numbers they were chosen by
+    (JSON-able: what ``retrofit neurons`` writes and a training checkpoint keeps)."""
 
     units: dict[int, list[int]]
     """Block index -> unit indices (hidden units of that block's MLP, the input of ``mlp.fc2``)."""
     scores: dict[int, list[float]] = field(default_factory=dict)
-    """Mean |activation| of each chosen unit at the outlier tokens, same order as ``units``."""
+    """What each chosen unit writes along the artifact tokens' own direction, as a share of their norm above the
+    image median (pairs of units that cancel each other each score above 1), same order as ``units``."""
+    lift: dict[int, list[float]] = field(default_factory=dict)
+    """Each chosen unit's mean |activation| at the artifact tokens over that elsewhere."""
+    alignment: dict[int, list[float]] = field(default_factory=dict)
+    """How much of what each chosen unit writes at the artifact tokens lies along their direction (1: all of it;
+    a unit writing in an unrelated direction scores about 1 / sqrt(width))."""
     sparsity: dict[int, list[float]] = field(default_factory=dict)
     """Share of all patch tokens on which each chosen unit stays below ``sparse_below``."""
-    onset: int | None = None
-    """First block whose output holds artifacts (None: none found)."""
+    profile: ResidualProfile | None = None
+    """How the artifacts build in the residual stream (per block), and the blocks where they build."""
     outlier_fraction: float = 0.0
-    """High-norm outlier fraction of the output patch tokens the units were ranked on."""
+    """High-norm outlier fraction of the residual stream at the profile's peak block (the artifact tokens)."""
+    images: list[str] = field(default_factory=list)
+    """The images they were found on (keys or names; their number is what decided)."""
     settings: dict[str, Any] = field(default_factory=dict)
-    """How they were found (k, top_k, sparsity cut, blocks searched, images)."""
+    """How they were found (k, min_lift, min_share, sparsity cut, max_units)."""
 
     @property
     def count(self) -> int:
         return sum(len(u) for u in self.units.values())
 
-    def rows(self) -> list[tuple[int, int, float, float]]:
-        """(block, unit, score, sparsity) for every chosen unit, highest score first."""
-        rows = [(b, u, s, p) for b in self.units
-                for u, s, p in zip(self.units[b], self.scores.get(b, []), self.sparsity.get(b, []), strict=True)]
+    @property
+    def blocks(self) -> list[int]:
+        """The blocks where the artifacts build, first to last (empty: none found)."""
+        return [] if self.profile is None else self.profile.blocks
+
+    def describe(self) -> str:
+        """One phrase for run lines and reports: where the artifacts build and how many units make them."""
+        if not self.blocks:
+            return "no artifacts"
+        return f"artifacts build in {self.profile.describe()}, {self.count} register neurons"
+
+    def rows(self) -> list[tuple[int, int, float, float, float, float]]:
+        """(block, unit, score, lift, alignment, sparsity) for every chosen unit, highest score first."""
+        rows = [(b, u, *numbers) for b in self.units
+                for u, *numbers in zip(self.units[b], self.scores.get(b, []), self.lift.get(b, []),
+                                       self.alignment.get(b, []), self.sparsity.get(b, []), strict=True)]
         return sorted(rows, key=lambda r: -r[2])
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,8 +86,10 @@ class RegisterNeurons:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RegisterNeurons:
         """Inverse of :meth:`to_dict`, also after a JSON round trip (block keys become strings there)."""
-        keyed = {name: {int(b): v for b, v in data.get(name, {}).items()} for name in ("units", "scores", "sparsity")}
-        return cls(**{**data, **keyed})
+        keyed = {name: {int(b): v for b, v in data.get(name, {}).items()}
+                 for name in ("units", "scores", "lift", "alignment", "sparsity")}
+        profile = data.get("profile")
+        return cls(**{**data, **keyed, "profile": None if profile is None else ResidualProfile(**profile)})
 
     def save(self, path: str | Path) -> Path:
         return write_json(self.to_dict(), path)
@@ -93,10 +117,16 @@ def _mlp_inputs(model: nn.Module) -> list[nn.Module]:
 
 
 @contextmanager
-def _recording(modules: Sequence[nn.Module]) -> Iterator[list[Tensor | None]]:
-    """The input of each module in the last forward (slot i for module i)."""
+def _recording(modules: Sequence[nn.Module], output: bool = False) -> Iterator[list[Tensor | None]]:
+    """The input (or with ``output``, the output) of each module in the last forward (slot i for module i)."""
     seen: list[Tensor | None] = [None] * len(modules)
-    handles = [m.register_forward_pre_hook(lambda _m, args, i=i: seen.__setitem__(i, args[0].detach()))
+
+    def hook(i: int) -> Any:
+        if output:
+            return lambda _m, _args, out: seen.__setitem__(i, out.detach())
+        return lambda _m, args: seen.__setitem__(i, args[0].detach())
+
+    handles = [m.register_forward_hook(hook(i)) if output else m.register_forward_pre_hook(hook(i))
                for i, m in enumerate(modules)]
     try:
         yield seen
@@ -105,78 +135,115 @@ def _recording(modules: Sequence[nn.Module]) -> Iterator[list[Tensor | None]]:
             h.remove()
 
 
+def _unit_writes(block: nn.Module) -> Tensor:
+    """(D, units): what each MLP unit adds to the residual stream per unit of activation (fc2's column, times the
+    block's layer scale where it has one)."""
+    weight = block.mlp.fc2.weight.detach().float()
+    scale = getattr(getattr(block, "ls2", None), "gamma", None)
+    if scale is None:
+        scale = getattr(block, "gamma_2", None)  # Eva's layer scale
+    return weight if scale is None else weight * scale.detach().float()[:, None]
+
+
+class _UnitStats:
+    """Per-unit sums over patch tokens for the blocks searched: |activation| at the artifact tokens and
+    elsewhere, quiet tokens, and the signed write along each artifact token's own direction."""
+
+    def __init__(self, model: nn.Module, blocks: list[int], sparse_below: float) -> None:
+        units = model.blocks[blocks[0]].mlp.fc2.in_features
+        self.blocks, self.sparse_below = blocks, sparse_below
+        self.at, self.everywhere, self.quiet, self.write = (torch.zeros(len(blocks), units, dtype=torch.float64)
+                                                           for _ in range(4))
+        self.writes = [_unit_writes(model.blocks[b]) for b in blocks]
+        self.artifacts = self.tokens = 0
+        self.excess = 0.0  # summed norm above the image median of the artifact tokens at the peak block
+
+    def add(self, acts: list[Tensor], mask: Tensor, peak: Tensor) -> None:
+        """One batch: patch-token activations per searched block (B, N, units), the artifact tokens (B, N) and the
+        patch tokens at the peak block (B, N, D), whose artifacts give each its direction and its excess norm."""
+        norms = peak.float().norm(dim=-1)
+        self.excess += (norms - norms.median(dim=1, keepdim=True).values)[mask].sum().item()
+        directions = F.normalize(peak[mask].float(), dim=-1)
+        for i, (a, write) in enumerate(zip(acts, self.writes, strict=True)):
+            a = a.float()
+            at = a[mask]  # (artifacts, units)
+            self.at[i] += at.abs().sum(0).double().cpu()
+            self.everywhere[i] += a.abs().sum(dim=(0, 1)).double().cpu()
+            self.quiet[i] += (a.abs() < self.sparse_below).sum(dim=(0, 1)).double().cpu()
+            self.write[i] += (at * (directions @ write.to(a.device))).sum(0).double().cpu()
+        self.artifacts += int(mask.sum())
+        self.tokens += mask.numel()
+
+
 def find_register_neurons(
     model: nn.Module,
     images: Tensor,
     k: float = 3.0,
-    top_k: int = 10,
-    max_block: int | None = None,
+    min_lift: float = 10.0,
+    min_share: float = 0.002,
+    min_alignment: float = 0.3,
     sparse_below: float = 0.5,
     min_sparsity: float = 0.5,
-    min_lift: float = 10.0,
+    max_units: int = 64,
     batch_size: int = 8,
+    names: Sequence[str] | None = None,
     progress: bool = False,
 ) -> RegisterNeurons:
-    """The MLP units that make ``model``'s high-norm artifacts, found on normalised ``images`` (N, 3, H, W).
+    """Where ``model``'s artifacts are made and the MLP units that make them, found on normalised ``images``
+    (N, 3, H, W); 32 or more give a stable answer, one batch of 8 may hold too few artifacts.
 
-    Every unit of every block up to ``max_block`` (default: the onset block, where the artifacts first
-    appear) is scored by its mean |activation| over the patch tokens that are high-norm outliers of the
-    output (``k`` x the image median, the project's one definition). Units that are not sparse - below
-    ``sparse_below`` on fewer than ``min_sparsity`` of all patch tokens - or whose score is less than
-    ``min_lift`` x their mean |activation| on the other patch tokens are dropped (a unit busy everywhere is
-    doing the model's ordinary work); the ``top_k`` highest-scoring remain. Any batch size gives the same
-    result. ``progress`` shows a rich progress bar.
+    The residual stream gives the blocks where the artifacts build (:func:`retrofit.residual.residual_profile`)
+    and the artifact tokens (its high-norm outliers). Every MLP unit of those blocks is kept if it passes four
+    tests, each on its own terms and none a count: it fires at the artifact tokens at least ``min_lift`` x as hard
+    as elsewhere (mean |activation|); it is quiet (below ``sparse_below``) on at least ``min_sparsity`` of all patch
+    tokens; what it writes along each artifact token's own direction is at least ``min_share`` of the artifacts'
+    norm above their image median; and at least ``min_alignment`` of what it writes there lies along that
+    direction. The last two tell the units that make the artifacts from units that only respond to them - to the
+    flat patches they sit on, or to the artifact itself in a later block - and write elsewhere (about
+    1 / sqrt(width) of a write lies along any one direction by chance). ``max_units`` per block is only a guard
+    against a degenerate model: DINOv2-L has about 45 register neurons per block, our largest synthetic plants 32;
+    the highest scores are kept. ``names`` label the images in the record. ``progress`` shows rich progress bars.
     """
     check_supported(model)
     if images.ndim != 4 or not len(images):
         raise RetrofitError(f"images must be a non-empty (N, 3, H, W) tensor, got shape {tuple(images.shape)}.")
-    if top_k < 1:
-        raise RetrofitError(f"top_k must be >= 1 (the most units to keep), got {top_k}.")
+    if max_units < 1 or min_lift < 1 or min_share < 0:
+        raise RetrofitError(f"need max_units >= 1, min_lift >= 1 and min_share >= 0, got {max_units}, {min_lift}, "
+                            f"{min_share}.")
     if not 0 <= min_sparsity <= 1:
         raise RetrofitError(f"min_sparsity must be in 0..1 (a fraction of the patch tokens), got {min_sparsity}.")
-    fc2s, npt = _mlp_inputs(model), model.num_prefix_tokens
-    depth = len(fc2s)
-    total = torch.zeros(depth, fc2s[0].in_features, dtype=torch.float64)
-    everywhere, quiet = torch.zeros_like(total), torch.zeros_like(total)
-    outliers = tokens = 0
-    layer_outliers = torch.zeros(depth, dtype=torch.float64)
-    device = next(model.parameters()).device
-    with torch.no_grad(), _recording(fc2s) as seen:
-        for start in track(range(0, len(images), batch_size), "ranking MLP units", progress):
-            batch = images[start:start + batch_size].to(device)
-            grids = patch_features(model, batch, layers=list(range(depth)))
-            mask = outlier_mask(grids[-1], k).flatten(1)  # (B, N) output outliers
-            layer_outliers += torch.stack([outlier_mask(g, k).sum() for g in grids]).double().cpu()
-            for b, acts in enumerate(seen):
-                acts = acts[:, npt:].abs()  # (B, N, units), patch tokens only
-                total[b] += acts[mask].double().sum(0).cpu()
-                everywhere[b] += acts.double().sum(dim=(0, 1)).cpu()
-                quiet[b] += (acts < sparse_below).double().sum(dim=(0, 1)).cpu()
-            outliers += int(mask.sum())
-            tokens += mask.numel()
-    fractions = (layer_outliers / tokens).tolist()
-    onset = artifact_onset(fractions)
-    last = block_indices(model, [max_block])[0] if max_block is not None else onset
-    found = RegisterNeurons(units={}, onset=onset, outlier_fraction=outliers / tokens, settings={
-        "k": k, "top_k": top_k, "max_block": last, "sparse_below": sparse_below, "min_sparsity": min_sparsity,
-        "min_lift": min_lift,
-        "images": len(images),
-    })
-    if last is None or outliers == 0:
+    fc2s = _mlp_inputs(model)
+    profile, artifacts = residual_profile(model, images, k, batch_size=batch_size, progress=progress)
+    found = RegisterNeurons(
+        units={}, profile=profile, outlier_fraction=artifacts.float().mean().item(),
+        images=[str(n) for n in names] if names is not None else [f"image{i}" for i in range(len(images))],
+        settings={"k": k, "min_lift": min_lift, "min_share": min_share, "min_alignment": min_alignment,
+                  "sparse_below": sparse_below,
+                  "min_sparsity": min_sparsity, "max_units": max_units},
+    )
+    if not profile.blocks:
         return found
-    scores, sparsity = total[: last + 1] / outliers, quiet[: last + 1] / tokens
-    elsewhere = (everywhere - total)[: last + 1] / max(tokens - outliers, 1)
-    lift = scores / elsewhere.clamp_min(1e-6)  # how much harder a unit fires at the artifacts than elsewhere
-    scores = torch.where((sparsity >= min_sparsity) & (lift >= min_lift), scores, torch.full_like(scores, -1.0))
-    best = scores.flatten().topk(min(top_k, scores.numel()))
-    for flat, score in zip(best.indices.tolist(), best.values.tolist(), strict=True):
-        if score <= 0:
-            break
-        b, u = divmod(flat, scores.shape[1])
-        found.units.setdefault(b, []).append(u)
-        found.scores.setdefault(b, []).append(score)
-        found.sparsity.setdefault(b, []).append(sparsity[b, u].item())
-    found.units = dict(sorted(found.units.items()))
+    stats, npt, current = _UnitStats(model, profile.blocks, sparse_below), model.num_prefix_tokens, {}
+    with _recording([fc2s[b] for b in profile.blocks]) as seen, \
+            _recording([model.blocks[profile.peak]], output=True) as peak:
+        for _ in forwards(model, images, batch_size, "ranking MLP units", progress,
+                              before=lambda batch: current.__setitem__("mask", artifacts[batch])):
+            stats.add([a[:, npt:] for a in seen], current["mask"].to(peak[0].device), peak[0][:, npt:])
+    at = stats.at / max(stats.artifacts, 1)
+    lift = at / ((stats.everywhere - stats.at) / max(stats.tokens - stats.artifacts, 1)).clamp_min(1e-6)
+    sparsity = stats.quiet / stats.tokens
+    share = (stats.write / max(stats.artifacts, 1)).abs() / max(stats.excess / max(stats.artifacts, 1), 1e-12)
+    alignment = stats.write.abs() / (stats.at * torch.stack([w.norm(dim=0) for w in stats.writes]).double().cpu())
+    keep = (lift >= min_lift) & (sparsity >= min_sparsity) & (share >= min_share) & (alignment >= min_alignment)
+    for i, block in enumerate(profile.blocks):
+        chosen = torch.where(keep[i], share[i], torch.full_like(share[i], -1.0)).topk(min(max_units, keep.shape[1]))
+        units = [u for u, s in zip(chosen.indices.tolist(), chosen.values.tolist(), strict=True) if s >= 0]
+        if units:
+            found.units[block] = units
+            found.scores[block] = share[i, units].tolist()
+            found.lift[block] = lift[i, units].tolist()
+            found.alignment[block] = alignment[i, units].tolist()
+            found.sparsity[block] = sparsity[i, units].tolist()
     return found
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +40,12 @@ from .surgery import check_supported
 
 _TEXTURE = 4.0  # filter response on a typical textured patch, in stds of the model's own signal there
 _GATE = 3.0  # spread of the texture energy the gate reads, same unit
-_SHARPNESS = 20.0  # the gate goes from off to full output over 1/_SHARPNESS of its readout's std
+_SHARPNESS = 100.0  # the gate goes from off to full output over 1/_SHARPNESS of its readout's std
 _FILTERS = 2  # zero-mean texture filters behind the energy written into models that lack it
 _RIDGE = 0.1  # readout ridge penalty, as a fraction of the mean feature variance
 _MIN_EXPLAINED = 0.5  # readout R^2 below which the model is first given texture and position features
-_UNITS = 4  # artifact units (pairs that clamp their output)
+Channels = Literal["random", "norm"]
+Gate = tuple[nn.Linear, nn.Linear, Tensor]  # a unit group: its block's fc1 and fc2, and its unit indices
 
 
 def _object_masks(n: int, size: int, g: torch.Generator) -> Tensor:
@@ -103,8 +105,9 @@ def position_field(grid: tuple[int, int], seed: int, bumps: int = 12, width: flo
     return (field - field.mean()) / field.std().clamp_min(1e-6)
 
 
-def _plant_block(model: nn.Module, block: int | None) -> int:
-    """The block to plant in (default: a third of the depth), after checking the model can take the circuit."""
+def _plant_blocks(model: nn.Module, blocks: int | Sequence[int] | None) -> list[int]:
+    """The consecutive blocks to plant in (default: the one at a third of the depth), after checking the model can
+    take the circuit."""
     check_supported(model)
     plain = isinstance(model, VisionTransformer) and all(
         type(b) is Block and type(b.mlp) is Mlp and b.mlp.fc1.bias is not None
@@ -117,10 +120,12 @@ def _plant_block(model: nn.Module, block: int | None) -> int:
             "no qk-norm, a position embedding, a final LayerNorm): use e.g. test_vit or vit_small_patch14_dinov2."
         )
     depth = len(model.blocks)
-    block = max(1, depth // 3) if block is None else block
-    if not 1 <= block < depth:
-        raise RetrofitError(f"block must be in 1..{depth - 1} for this {depth}-block model, got {block}.")
-    return block
+    blocks = [max(1, depth // 3)] if blocks is None else [blocks] if isinstance(blocks, int) else sorted(blocks)
+    consecutive = len(blocks) > 0 and blocks == list(range(blocks[0], blocks[0] + len(blocks)))
+    if not consecutive or not 1 <= blocks[0] <= blocks[-1] < depth:
+        raise RetrofitError(f"blocks must be consecutive and in 1..{depth - 1} for this {depth}-block model, "
+                            f"got {blocks}.")
+    return blocks
 
 
 def _flat_filters(count: int, channels: int, p: int, g: torch.Generator) -> Tensor:
@@ -261,13 +266,30 @@ def _artifact_direction(planted: nn.Module, images: Tensor, dims: Tensor) -> Ten
     return (x[..., dims[0]] - x[..., dims[1]]) / math.sqrt(2) / x.std(dim=-1, unbiased=False)
 
 
-def _propensity(images: Tensor, patch: int, grid: tuple[int, int], seed: int, position_weight: float) -> Tensor:
-    """Where artifacts should form, per patch token (B * N,): standardised flatness + ``position_weight`` x field."""
-    cells = F.unfold(images.float(), patch, stride=patch)  # (B, C * p * p, N)
-    spread = cells.unflatten(1, (images.shape[1], -1)).std(dim=2).mean(dim=1)  # per-channel pixel std, (B, N)
-    flat = -torch.log(spread + 1e-2).flatten()
-    flat = (flat - flat.mean()) / flat.std().clamp_min(1e-6)
-    return flat + position_weight * position_field(grid, seed).to(images.device).repeat(len(images))
+def _flatness_readings(images: Tensor, patch: int) -> Tensor:
+    """Five ways to tell a low-information patch, (5, B * N), each standardised, high where the patch is flat:
+    per-channel pixel spread, luminance spread, gradient energy, coarse (2x2-pooled) spread and luminance range."""
+    cells = F.unfold(images.float(), patch, stride=patch).unflatten(1, (images.shape[1], patch, patch))  # (B,C,p,p,N)
+    luma = cells.mean(dim=1)  # (B, p, p, N)
+    half = patch // 2
+    coarse = luma[:, : 2 * half, : 2 * half].unflatten(1, (half, 2)).unflatten(3, (half, 2)).mean(dim=(2, 4))
+    measures = torch.stack([
+        cells.flatten(2, 3).std(dim=2).mean(dim=1),
+        luma.flatten(1, 2).std(dim=1),
+        luma.diff(dim=1).abs().mean(dim=(1, 2)) + luma.diff(dim=2).abs().mean(dim=(1, 2)),
+        coarse.flatten(1, 2).std(dim=1),
+        luma.amax(dim=(1, 2)) - luma.amin(dim=(1, 2)),
+    ]).flatten(1)
+    flat = -torch.log(measures + 1e-2)
+    return (flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True).clamp_min(1e-6)
+
+
+def _propensity(readings: Tensor, mix: Tensor, field: Tensor, position_weight: float) -> Tensor:
+    """Where one unit group wants artifacts, per patch token (B * N,): its own mix of the flatness readings,
+    standardised, plus ``position_weight`` x its position field (N,)."""
+    content = mix @ readings
+    content = (content - content.mean()) / content.std().clamp_min(1e-6)
+    return content + position_weight * field.repeat(len(content) // len(field))
 
 
 def _fit_readout(features: Tensor, target: Tensor) -> tuple[Tensor, Tensor, float]:
@@ -282,49 +304,62 @@ def _fit_readout(features: Tensor, target: Tensor) -> tuple[Tensor, Tensor, floa
     return row, mean_t - mean_f @ row, explained.item()
 
 
-def _write_propensity(planted: nn.Module, images: Tensor, block: int, dims: Tensor, position_weight: float,
-                      units: list[int], seed: int, g: torch.Generator) -> None:
+def _write_propensity(planted: nn.Module, images: Tensor, blocks: list[int], dims: Tensor, fields: list[Tensor],
+                      position_weight: float, units: list[int], g: torch.Generator) -> None:
     """Give a model whose features do not carry patch texture and grid position (a random init) both, along
-    quiet directions: texture energy from block ``block - 1`` and a field in the position embedding."""
-    dim = planted.embed_dim
+    quiet directions: texture energy from the block before the first planted one, and each unit group's position
+    field in the position embedding (``fields[i]`` for the group i, whose gate sits in ``blocks[i]``)."""
+    dim, first = planted.embed_dim, blocks[0]
     avoid = torch.cat([torch.eye(dim, device=images.device)[dims], _flat_responses(planted.patch_embed.proj)])
-    u = _quiet_directions(_patch_tokens(planted, images, planted.blocks[block - 1].norm2).flatten(0, 1),
+    u = _quiet_directions(_patch_tokens(planted, images, planted.blocks[first - 1].norm2).flatten(0, 1),
                           _FILTERS, avoid, g)
-    w = _quiet_directions(_patch_tokens(planted, images, planted.blocks[block].norm2).flatten(0, 1),
-                          1, torch.cat([avoid, u]), g)[0]
-    own = _texture_energy(planted, images, block, u, w, units, g)
-    field = position_field(tuple(planted.patch_embed.grid_size), seed).to(images.device)
-    _position_bias(planted, images, block, w, field, position_weight * _GATE * own.std())
+    ws = _quiet_directions(_patch_tokens(planted, images, planted.blocks[first].norm2).flatten(0, 1),
+                           1 + len(fields), torch.cat([avoid, u]), g)
+    own = _texture_energy(planted, images, first, u, ws[0], units, g)
+    for w, field, block in zip(ws[1:], fields, blocks, strict=True):
+        _position_bias(planted, images, block, w, field, position_weight * _GATE * own.std())
 
 
-def _calibrate_influence(planted: nn.Module, images: Tensor, block: int, dims: Tensor, units: list[int],
-                         disturbance: float) -> None:
-    """Scale how strongly the blocks after ``block`` read an artifact, so that the other patch tokens' mean
-    cosine to the artifact-free twin is ``1 - disturbance``.
-
-    Their norms get the same weight and bias on both ``dims``, so a token that carries nothing there (every
-    token the artifact units leave alone) reads only the mean of the two weight columns; an artifact,
-    ``+x`` on one and ``-x`` on the other, reads their half-difference, which is what gets scaled.
-    """
-    readers = []
-    for blk in planted.blocks[block + 1:]:
-        for norm, reader in ((blk.norm1, blk.attn.qkv), (blk.norm2, blk.mlp.fc1)):
+def _even_readers(planted: nn.Module, after: int, dims: Tensor) -> None:
+    """The norms of the blocks after ``after`` weigh ``dims`` alike (the mean weight and bias), so that the strength
+    with which those blocks read an artifact can be set apart from what they read in every other token."""
+    for blk in planted.blocks[after + 1:]:
+        for norm in (blk.norm1, blk.norm2):
             norm.weight[dims] = norm.weight[dims].abs().mean()
             if norm.bias is not None:
                 norm.bias[dims] = norm.bias[dims].mean()
+
+
+def _calibrate_influence(planted: nn.Module, images: Tensor, after: int, dims: Tensor, gates: list[Gate],
+                         disturbance: float) -> None:
+    """Scale how strongly the blocks after ``after`` read an artifact, so that the other patch tokens' mean cosine
+    to the artifact-free twin (``gates``: each fc2 with its artifact units, switched off) is ``1 - disturbance``.
+
+    A token that carries nothing on ``dims`` (every token the artifact units leave alone) reads only the mean of
+    the two weight columns there (their norms weigh both alike, :func:`_even_readers`); an artifact, ``+x`` on one
+    and ``-x`` on the other, reads their half-difference, which is what gets scaled. The gates' own rows keep how
+    they read the artifacts of earlier groups.
+    """
+    readers = []
+    for blk in planted.blocks[after + 1:]:
+        for reader in (blk.attn.qkv, blk.mlp.fc1):
             first, second = reader.weight[:, dims[0]].clone(), reader.weight[:, dims[1]].clone()
             readers.append((reader, (first + second) / 2, (first - second) / 2))
-    fc2 = planted.blocks[block].mlp.fc2
-    written = fc2.weight[:, units].clone()
-    fc2.weight[:, units] = 0
+    kept = [(fc1, units, fc1.weight[units][:, dims].clone()) for fc1, _, units in gates]
+    written = [fc2.weight[:, units].clone() for _, fc2, units in gates]
+    for _, fc2, units in gates:
+        fc2.weight[:, units] = 0
     twin = _patch_tokens(planted, images, planted.norm, output=True)
-    fc2.weight[:, units] = written
+    for (_, fc2, units), w in zip(gates, written, strict=True):
+        fc2.weight[:, units] = w
     others = _artifact_direction(planted, images, dims).abs() < 1
 
     def excess(log_gain: float) -> float:
         for reader, common, half in readers:
             reader.weight[:, dims[0]] = common + math.exp(log_gain) * half
             reader.weight[:, dims[1]] = common - math.exp(log_gain) * half
+        for fc1, units, rows in kept:
+            fc1.weight[units[:, None], dims] = rows
         out = _patch_tokens(planted, images, planted.norm, output=True)
         return 1 - F.cosine_similarity(out, twin, dim=-1)[others].mean().item() - disturbance
 
@@ -349,36 +384,72 @@ def _calibrate_final_norm(model: nn.Module, images: Tensor, dims: Tensor, streng
     gamma[dims] = ((strength * median) ** 2 - rest).clamp_min(0).sqrt() / massive[artifact].median()
 
 
+def _massive_dims(model: nn.Module, channels: Channels, g: torch.Generator) -> Tensor:
+    """The two residual channels the artifacts are written into: at random, or the two the final norm weighs most
+    (where a real model's final features would show them best)."""
+    dim = model.embed_dim
+    if channels == "random":
+        return torch.randperm(dim, generator=g)[:2]
+    weight = model.norm.weight.detach().abs().cpu() + 1e-6 * torch.rand(dim, generator=g)  # ties broken at random
+    return weight.topk(2).indices
+
+
+def _gate_cut(score: Tensor, taken: Tensor, share: float, least: float) -> Tensor:
+    """The readout level above which a group fires so that, with the tokens already ``taken`` by earlier groups,
+    ``share`` of all tokens are artifacts (and at least ``least`` of them are its own new ones)."""
+    free = score[~taken]
+    new = max(share - taken.float().mean().item(), least) * len(score)
+    return torch.quantile(free, max(0.0, 1 - new / max(len(free), 1)))
+
+
 def plant_artifacts(
     model: nn.Module,
-    block: int | None = None,
+    blocks: int | Sequence[int] | None = None,
+    groups: int = 1,
+    units: int = 4,
     strength: float = 8.0,
     fraction: float = 0.03,
     position_weight: float = 1.0,
     disturbance: float = 0.05,
+    final_norm: bool = False,
+    channels: Channels = "random",
     images: Tensor | None = None,
     seed: int = 0,
     silent: bool = False,
 ) -> nn.Module:
-    """A copy of ``model`` whose own MLP units in ``block`` make high-norm artifact tokens.
+    """A copy of ``model`` whose own MLP units make high-norm artifact tokens in ``blocks``.
 
-    ``block``: the block whose MLP makes them, the first whose output has artifacts (default: a third
-    of the depth). ``strength``: artifact norm / median patch norm after the final norm.
-    ``fraction``: share of the calibration images' patch tokens that become artifacts.
-    ``position_weight``: how much the grid position decides where they fire, against the patch's texture
-    (0: content only; at 1 about half of them stay on the same content when it moves by a patch).
-    ``disturbance``: how much the artifacts change the other patch tokens, as 1 - their mean cosine to
-    the twin (later blocks read the artifact direction harder or softer to match; a pretrained model may
-    not go below its own minimum). ``images``: normalised calibration images at the model's resolution
-    (default: synthetic ones). ``silent``: the same edited model with the artifact units' output off - the
-    artifact-free reference. The input model is not modified.
+    ``blocks``: one block or consecutive blocks whose MLPs make them (default: the block at a third of the depth).
+    ``groups``: unit groups per block, each with its own reading of "low-information patch" (a mix of five
+    flatness measures) and its own position field, planted in order, each on the output of the earlier ones.
+    ``units``: units per group (even: they work in pairs that clamp their output); the plant has
+    ``len(blocks) * groups * units`` artifact units. ``strength``: what one group writes, as a multiple of the
+    median patch-token norm entering the final norm (a token several groups fire on gets the sum).
+    ``fraction``: share of the calibration images' patch tokens that are artifacts after the last group; each
+    group adds its share in order, so the fraction grows block by block.
+    ``position_weight``: how much the grid position decides where they fire, against the patch's content (0:
+    content only; at 1 about half of them stay on the same content when it moves by a patch).
+    ``disturbance``: how much the artifacts change the other patch tokens, as 1 - their mean cosine to the twin
+    (later blocks read the artifact channels harder or softer to match; a pretrained model may not go below its
+    own minimum). ``final_norm``: also raise the final norm's weight on the artifact channels so the tokens
+    stand out after it at ``strength`` x the median (else the final norm is left as it is, and the output may not
+    show them). ``channels``: the two residual channels they are written into: ``random`` or ``norm`` (the two
+    the final norm weighs most). ``images``: normalised calibration images at the model's resolution (default:
+    synthetic ones). ``silent``: the same edited model with the artifact units' output off - the artifact-free
+    reference. The input model is not modified.
     """
-    block = _plant_block(model, block)
+    blocks = _plant_blocks(model, blocks)
+    hidden = model.blocks[blocks[0]].mlp.fc1.out_features
+    if groups < 1 or units < 2 or units % 2 or groups * units + 2 * _FILTERS > hidden:
+        raise RetrofitError(f"need groups >= 1 and an even units >= 2 with groups * units <= {hidden - 2 * _FILTERS} "
+                            f"(the MLP has {hidden} units), got groups={groups}, units={units}.")
     if strength <= 1 or not 0 < fraction <= 0.2 or position_weight < 0 or not 0 <= disturbance < 0.5:
         raise RetrofitError(
             f"need strength > 1, 0 < fraction <= 0.2, position_weight >= 0 and 0 <= disturbance < 0.5, got "
             f"{strength}, {fraction}, {position_weight}, {disturbance}."
         )
+    if channels not in ("random", "norm"):
+        raise RetrofitError(f"channels must be 'random' or 'norm', got {channels!r}.")
     ref = next(model.parameters())
     planted = copy.deepcopy(model).float().eval()  # calibrated where the model lives (GPU for big ones)
     size = tuple(planted.patch_embed.img_size)
@@ -391,39 +462,52 @@ def plant_artifacts(
         )
     images = images.float().to(ref.device)
     g = torch.Generator().manual_seed(seed)
-    dim, mlp = planted.embed_dim, planted.blocks[block].mlp
-    dims = torch.randperm(dim, generator=g)[:2]
-    hidden = torch.randperm(mlp.fc1.out_features, generator=g)
-    texture_units, gate_units = hidden[: 2 * _FILTERS].tolist(), hidden[2 * _FILTERS: 2 * _FILTERS + _UNITS].tolist()
-    massive = images.new_zeros(dim)
+    dims = _massive_dims(planted, channels, g).to(ref.device)
+    massive = images.new_zeros(planted.embed_dim)
     massive[dims[0]], massive[dims[1]] = 1 / math.sqrt(2), -1 / math.sqrt(2)
+    grid = tuple(planted.patch_embed.grid_size)
+    plan = [b for b in blocks for _ in range(groups)]  # the gate block of each group, in planting order
+    readings = _flatness_readings(images, patch_size(planted)[0])
+    fields = [position_field(grid, seed + 1 + i).to(images.device) for i in range(len(plan))]
+    mixes = [torch.rand(len(readings), generator=g).to(images.device) for _ in plan]
+    targets = [_propensity(readings, mix, field, position_weight) for mix, field in zip(mixes, fields, strict=True)]
+    chosen = {b: torch.randperm(hidden, generator=g).tolist() for b in [blocks[0] - 1, *blocks]}
+    gates: list[Gate] = []
 
     with torch.no_grad():
         _silence_writers(planted, dims)
-        gate_norm, grid = planted.blocks[block].norm2, tuple(planted.patch_embed.grid_size)
-        target = _propensity(images, patch_size(planted)[0], grid, seed, position_weight)
-        features = _patch_tokens(planted, images, gate_norm, output=True).flatten(0, 1)
-        row, bias, explained = _fit_readout(features, target)
-        if explained < _MIN_EXPLAINED:  # e.g. a random init: write texture and position in, then read them
-            _write_propensity(planted, images, block, dims, position_weight, texture_units, seed, g)
-            features = _patch_tokens(planted, images, gate_norm, output=True).flatten(0, 1)
-            row, bias, explained = _fit_readout(features, target)
-        # the gate: units in pairs, gelu(z) - gelu(z - 1) ~ clamp(z, 0, 1), z = sharpness * (score - cut) / spread
-        score = features @ row + bias
-        spread = score.std()
-        cut = torch.quantile(score, 1 - fraction)
-        scale = _SHARPNESS / spread
-        residual = _patch_tokens(planted, images, planted.norm)
-        out = strength * residual.norm(dim=-1).median() * massive * 2 / _UNITS
-        pairs = torch.tensor([1.0, -1.0], device=images.device).repeat(_UNITS // 2)
-        _set_units(mlp, gate_units, row.expand(_UNITS, -1) * scale, (bias - cut) * scale + (pairs - 1) / 2,
-                   pairs[:, None] * out)
-        ls = getattr(planted.blocks[block], "ls2", None)
-        if hasattr(ls, "gamma"):  # layer scale would shrink what the units write
-            ls.gamma[dims] = 1
-        _calibrate_influence(planted, images, block, dims, gate_units, disturbance)
-        planted.norm.bias[dims] = 0
-        _calibrate_final_norm(planted, images, dims, strength)
+        _even_readers(planted, blocks[0], dims)
+        write = strength * _patch_tokens(planted, images, planted.norm).norm(dim=-1).median()  # what a group adds
+        out = write * massive * 2 / units
+        first = _patch_tokens(planted, images, planted.blocks[blocks[0]].norm2, output=True).flatten(0, 1)
+        if _fit_readout(first, targets[0])[2] < _MIN_EXPLAINED:  # e.g. a random init: write texture and position
+            _write_propensity(planted, images, plan, dims, fields, position_weight,
+                              chosen[blocks[0] - 1][: 2 * _FILTERS], g)
+        for i, block in enumerate(plan):
+            blk, j = planted.blocks[block], plan[:i].count(block)
+            features = _patch_tokens(planted, images, blk.norm2, output=True).flatten(0, 1)
+            row, bias, _ = _fit_readout(features, targets[i])
+            score = features @ row + bias
+            taken = (_patch_tokens(planted, images, blk, output=True).flatten(0, 1) @ massive).abs() > write / 2
+            cut = _gate_cut(score, taken, fraction * (i + 1) / len(plan), fraction / (2 * len(plan)))
+            # the gate: units in pairs, gelu(z) - gelu(z - 1) ~ clamp(z, 0, 1), z = sharpness * (score - cut) / spread
+            scale = _SHARPNESS / score.std()
+            pairs = torch.tensor([1.0, -1.0], device=images.device).repeat(units // 2)
+            gate_units = chosen[block][2 * _FILTERS + j * units: 2 * _FILTERS + (j + 1) * units]
+            _set_units(blk.mlp, gate_units, row.expand(units, -1) * scale, (bias - cut) * scale + (pairs - 1) / 2,
+                       pairs[:, None] * out)
+            ls = getattr(blk, "ls2", None)
+            if hasattr(ls, "gamma"):  # layer scale would shrink what the units write
+                ls.gamma[dims] = 1
+            gates.append((blk.mlp.fc1, blk.mlp.fc2, torch.tensor(gate_units, device=images.device)))
+            if j == groups - 1:  # the block's groups are in: later blocks read them (the next groups included)
+                _calibrate_influence(planted, images, block, dims, gates, disturbance)
+        if len(blocks) > 1:  # once more over every reader, now that all groups write
+            _calibrate_influence(planted, images, blocks[0], dims, gates, disturbance)
+        if final_norm:
+            planted.norm.bias[dims] = 0
+            _calibrate_final_norm(planted, images, dims, strength)
         if silent:
-            mlp.fc2.weight[:, gate_units] = 0
+            for _, fc2, gate_units in gates:
+                fc2.weight[:, gate_units] = 0
     return planted.to(device=ref.device, dtype=ref.dtype)

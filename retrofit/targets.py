@@ -291,6 +291,12 @@ class DenoisedTargets:
             self._bf16[device] = native if self.settings.bf16 is None else self.settings.bf16
         return self._bf16[device]
 
+    def use(self, layers: Sequence[int] = (), neurons: RegisterNeurons | None = None) -> None:
+        """Targets for these ``layers`` too, made with these register ``neurons``; the view generator goes on where
+        it was, so a resumed run draws the same views."""
+        self.layers = block_indices(self.teacher, layers)
+        self.neurons = neurons
+
     def get_rng_state(self) -> Tensor:
         """State of the view generator, for a training checkpoint."""
         return self.generator.get_state()
