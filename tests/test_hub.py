@@ -115,6 +115,8 @@ def test_push_failures_are_one_line_and_keep_the_export(tmp_path, models, fake_h
         assert "\n" not in message and fix in message and "the local export is kept" in message
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not fake_hub.uploads
 
+    with pytest.raises(RetrofitError, match="is not an export folder"):
+        push_to_hub(tmp_path, "user/vit-reg4")
     with pytest.raises(RetrofitError, match="is not a Hub repo id"):
         push_to_hub(out, "user/bad name")
     with pytest.raises(RetrofitError, match="names no owner"):
