@@ -21,16 +21,16 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from rich import get_console
 from torch import Tensor, nn
 
+from ._export import check_target, export
 from .errors import RetrofitError
-from .export import check_target, export
+from .faults import batches_done
 from .features import inference, patch_features, patch_size
 from .hub import check_repo, push_to_hub
-from .maps import compute_maps, display_rgb
 from .metrics import FeatureFidelity, OutlierFraction, PatchNormStats, outlier_mask, repair_scores
 from .module import RetrofitModule
-from .plots import figure_array, plot_maps, save_figure
 from .surgery import timm_model
 from .targets import crop_center
 
@@ -238,6 +238,9 @@ class NormMapLogger(_ProbeCallback):
         out_dir = self.out_dir or Path(trainer.log_dir or trainer.default_root_dir) / "norm_maps"  # all ranks
         if not trainer.is_global_zero:
             return
+        from .maps import compute_maps, display_rgb  # drawing code: imported by the runs that draw
+        from .plots import figure_array, plot_maps, save_figure
+
         model = self.model(pl_module)
         images = self.student_view(pl_module)[: self.max_images]
         rgb = display_rgb(images, model)
@@ -287,12 +290,13 @@ class RegisterExport(L.Callback):
     model_attr)`` (a peft model is merged on a copy). The export's model card records the run (steps,
     images, resolution; backbone and freeze preset of a :class:`RetrofitModule`). With ``push_to_hub``
     (``USER/NAME``) the final export is uploaded at fit end (:func:`retrofit.hub.push_to_hub`; the token
-    is checked before training). Only global rank 0 writes and pushes.
+    is checked before training). Only global rank 0 writes and pushes. ``out_dir`` defaults to ``model/`` in
+    the run's log directory. The export is built for the training resolution (``img_size`` of the data).
     """
 
     def __init__(
         self,
-        out_dir: str | Path,
+        out_dir: str | Path | None = None,
         monitor: str | None = None,
         mode: Literal["min", "max"] = "min",
         overwrite: bool = True,
@@ -302,7 +306,8 @@ class RegisterExport(L.Callback):
     ) -> None:
         if mode not in ("min", "max"):
             raise RetrofitError(f"mode must be 'min' or 'max', got {mode!r}.")
-        self.out_dir, self.monitor, self.mode = Path(out_dir), monitor, mode
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.monitor, self.mode = monitor, mode
         self.overwrite, self.model_attr = overwrite, model_attr
         self.push_to_hub, self.private = push_to_hub, private
         self.best_score: float | None = None
@@ -320,6 +325,7 @@ class RegisterExport(L.Callback):
         training, not after it."""
         if stage != "fit":
             return
+        self.out_dir = self.out_dir or Path(trainer.log_dir or trainer.default_root_dir) / "model"
         if not self.overwrite and self.out_dir.exists() and any(self.out_dir.iterdir()):
             raise RetrofitError(f"{self.out_dir} already exists and is not empty: choose another out_dir or "
                                 "pass overwrite=True.")
@@ -409,7 +415,7 @@ class StepProgressBar(RichProgressBar):
         which undercounts an epoch resumed half-way (its bar read "3/1")."""
         trainer = self.trainer
         if trainer.max_epochs == -1 and trainer.max_steps > 0:
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            done = batches_done(trainer)
             return min(trainer.num_training_batches, done + trainer.max_steps - trainer.global_step)
         return super().total_train_batches
 
@@ -432,5 +438,5 @@ class StepProgressBar(RichProgressBar):
         metrics.pop("v_num", None)
         short = {name.removeprefix("train/").replace("outlier_fraction", "outliers"): value
                  for name, value in metrics.items()}
-        narrow = self._console is not None and self._console.width < 120
+        narrow = get_console().width < 120  # the console the bar draws on (RichProgressBar takes rich's own)
         return {k: v for k, v in short.items() if k == "loss"} if narrow and "loss" in short else short

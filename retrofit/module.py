@@ -28,11 +28,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
-from .backbones import load_backbone
+from ._export import export
+from .backbones import load_backbone, weights_source
 from .cache import TargetCache
 from .errors import RetrofitError, first_line
-from .export import export
-from .features import block_indices, patch_features, patch_size
+from .features import block_indices, patch_features, patch_size, square_size
 from .metrics import outlier_mask
 from .neurons import RegisterNeurons, find_register_neurons
 from .residual import blocks_text
@@ -217,8 +217,9 @@ class RetrofitModule(L.LightningModule):
         self.hparams["targets"] = asdict(settings)  # plain values: checkpoints load with weights_only=True
         self._check_settings()
         self.teacher = self._load_teacher(backbone, checkpoint, model_kwargs or {})
+        self.source = weights_source(self.teacher)  # for the model card; kept in checkpoints
         self.student = self._build_student()
-        self.source: RegisterNeurons | None = None  # where the artifacts build and their units: prepare() finds it
+        self.artifact_source: RegisterNeurons | None = None  # where the artifacts build, their units: prepare()
         self.loss_layers: tuple[int, ...] = ()
         self.targets = DenoisedTargets(self.teacher, settings, seed=seed)
         self._settle(None)
@@ -275,19 +276,20 @@ class RetrofitModule(L.LightningModule):
         given = self.hparams.artifact_blocks
         if given is not None:
             return list(block_indices(self.teacher, given))
-        return [] if self.source is None else self.source.blocks
+        return [] if self.artifact_source is None else self.artifact_source.blocks
 
     @property
     def neurons(self) -> RegisterNeurons | None:
         """The register neurons in use (None: none found, none wanted, or not settled yet)."""
         wanted = self.hparams.register_neurons is not None
-        return self.source if wanted and self.source is not None and self.source.count else None
+        found = self.artifact_source
+        return found if wanted and found is not None and found.count else None
 
     def _settle(self, source: RegisterNeurons | None) -> None:
         """Take ``source`` (what was found about the teacher's artifacts) as the run's: what trains, the loss layers
         and the targets' register neurons follow from it. The only place that changes them."""
         h = self.hparams
-        self.source = source
+        self.artifact_source = source
         self._apply_freeze()
         layers = self._auto_loss_layers() if h.loss_layers == "auto" else (h.loss_layers or ())
         last = len(self.teacher.blocks) - 1  # the last block through the final norm is the output itself
@@ -325,7 +327,7 @@ class RetrofitModule(L.LightningModule):
                     "cache_dir stores one target per image, but the data crops at random: "
                     "set data.random_crop false (or drop cache_dir)."
                 )
-            grid = dm.img_size // patch_size(self.teacher)[0]
+            grid = square_size(self.teacher, dm.img_size) // patch_size(self.teacher)[0]
             dm.configure_for(self.teacher, self.targets.margin_patches(grid))
             self.margin = dm.margin
         if stage == "fit" and self.trainer.ckpt_path is None:
@@ -355,11 +357,11 @@ class RetrofitModule(L.LightningModule):
         if self._trainer is not None:
             source = self.trainer.strategy.broadcast(source, src=0)
         self._settle(source)
-        rank_zero_info(self.findings())
+        rank_zero_info(self.first_line())
 
-    def findings(self) -> str:
+    def first_line(self) -> str:
         """The run's first line: what it found about the teacher's artifacts and what will train."""
-        h, source = self.hparams, self.source
+        h, source = self.hparams, self.artifact_source
         if source is None:
             seen = "No artifact search (the settings say where to train)"
         else:
@@ -467,14 +469,17 @@ class RetrofitModule(L.LightningModule):
         for key in self._teacher_keys():
             checkpoint["state_dict"].pop(key, None)
         checkpoint["target_rng_state"] = self.targets.get_rng_state()
-        checkpoint["artifact_source"] = None if self.source is None else self.source.to_dict()
+        found = self.artifact_source
+        checkpoint["artifact_source"] = None if found is None else found.to_dict()
+        checkpoint["source"] = self.source
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        self.source = checkpoint.get("source", {})  # the run's weights, not those of an architecture rebuilt to load it
         if "artifact_source" in checkpoint:  # what the run found, not what a new search would show
             found = checkpoint["artifact_source"]
             self._settle(None if found is None else RegisterNeurons.from_dict(found))
-            rank_zero_info("Resumed: " + self.findings())
+            rank_zero_info("Resumed: " + self.first_line())
         if "target_rng_state" in checkpoint:
             self.targets.set_rng_state(checkpoint["target_rng_state"])
 
@@ -492,11 +497,13 @@ class RetrofitModule(L.LightningModule):
     ) -> Path:
         """Write ``model`` (default: :meth:`export_model`) with :func:`retrofit.export` (atomic, timm-native).
 
-        config.json records the backbone, the freeze preset and the trainer's step; ``metadata`` overrides
-        or adds to them (e.g. the step of a checkpoint exported outside a Trainer).
+        config.json records the backbone, where its weights came from, the freeze preset and the trainer's step;
+        ``metadata`` overrides or adds to them (e.g. the step of a checkpoint exported outside a Trainer, and
+        ``img_size``, the training resolution the export is built for).
         """
         backbone = self.hparams.get("backbone") or self.teacher.pretrained_cfg["architecture"]
-        info = {"backbone": str(backbone), "freeze": self.hparams.freeze, "step": int(self.global_step), **metadata}
+        info = {"backbone": str(backbone), "source": self.source, "freeze": self.hparams.freeze,
+                "step": int(self.global_step), **metadata}
         return export(model or self.export_model(), out_dir, overwrite=overwrite, **info)
 
     # ---- rebuilding -------------------------------------------------------------------------------
