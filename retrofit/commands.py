@@ -77,7 +77,7 @@ def diagnose_command(
     import copy
 
     from .backbones import load_backbone
-    from .diagnose import diagnose, render_repair, render_table
+    from .diagnose import diagnose, render_repair, render_residual, render_table
     from .features import square_size
     from .images import ImageLog, list_images, load_readable
     from .page import PAGE_NAME
@@ -100,6 +100,7 @@ def diagnose_command(
         report = diagnose(first, batch, out, second, k=k, layers=layers, names=names, labels=labels,
                           threshold=threshold, batch_size=batch_size, progress=True, reference=truth)
     console.print(render_table(report))
+    console.print(render_residual(report))
     if (repair := render_repair(report)) is not None:
         console.print(repair)
     _print_unusable(unusable)
@@ -116,24 +117,26 @@ def neurons_command(
     checkpoint: str | None = None,
     img_size: int | None = None,
     max_images: int = 100,
-    top_k: int = 10,
-    max_block: int | None = None,
-    min_lift: float = 10.0,
+    min_lift: float = 2.0,
+    min_alignment: float = 0.3,
+    max_units: int = 64,
     k: float = 3.0,
     batch_size: int = 8,
 ) -> Any:
-    """Find the MLP units that make a model's artifacts (register neurons), for training-free test-time registers.
+    """Find where a model's artifacts build and the MLP units that make them (register neurons), for training-free
+    test-time registers and for `fit --model.register_neurons FILE`.
 
     Args:
         model: timm name, export directory, or timm name with --checkpoint (see retrofit.load_backbone).
-        images: folder of images (searched recursively); about 100 are enough.
-        out: JSON file for the units (use it with `diagnose --ttr` and `eval ... --ttr`).
+        images: folder of images (searched recursively); 32 to 100 are enough.
+        out: JSON file for the blocks and units (use it with `diagnose --ttr` and `eval ... --ttr`); written for
+            a model without artifacts too, saying so.
         checkpoint: local weights file for a timm name in MODEL.
         img_size: square input size (default: the model's own); the units depend on it.
         max_images: use the first N readable images of the folder.
-        top_k: keep at most this many units.
-        max_block: search blocks up to this one (default: the block where the artifacts start).
         min_lift: keep units at least this many times more active at the artifacts than elsewhere.
+        min_alignment: keep units that write at least this share of their output along the artifacts.
+        max_units: keep at most this many units per block (a guard, not a count to fill).
         k: outlier factor: norm above k x the image median.
         batch_size: images per forward.
     """
@@ -144,21 +147,28 @@ def neurons_command(
 
     backbone = load_backbone(model, checkpoint)
     unusable = ImageLog()
-    batch, _ = load_readable(list_images(images), square_size(backbone, img_size), backbone, max_images,
-                             Path(images), unusable)
-    found = find_register_neurons(backbone, batch, k=k, top_k=top_k, max_block=max_block, min_lift=min_lift,
-                                  batch_size=batch_size, progress=True)
-    console.print(f"{_label(model)}: {len(batch)} images, {100 * found.outlier_fraction:.2f}% high-norm outliers, "
-                  f"artifacts start at block {found.onset}", soft_wrap=True)
-    table = Table(title="Register neurons")
-    for head in ("block", "unit", "score", "sparsity"):
-        table.add_column(head, justify="right")
-    for block, unit, score, sparsity in found.rows():
-        table.add_row(str(block), str(unit), f"{score:.3g}", f"{100 * sparsity:.1f}%")
-    console.print(table)
+    root = Path(images)
+    batch, paths = load_readable(list_images(images), square_size(backbone, img_size), backbone, max_images, root,
+                                 unusable)
+    found = find_register_neurons(backbone, batch, k=k, min_lift=min_lift, min_alignment=min_alignment,
+                                  max_units=max_units, batch_size=batch_size, progress=True,
+                                  names=[p.relative_to(root).as_posix() for p in paths])
+    peak = max(found.profile.outliers, default=0.0)
+    console.print(f"{_label(model)}: {len(batch)} images, up to {100 * peak:.2f}% high-norm outliers in the residual "
+                  f"stream; {found.describe()}", soft_wrap=True)
+    if found.count:
+        table = Table(title="Register neurons")
+        for head in ("block", "unit", "score", "lift", "aligned", "sparsity"):
+            table.add_column(head, justify="right")
+        for block, unit, score, lift, alignment, sparsity in found.rows():
+            table.add_row(str(block), str(unit), f"{score:.3g}", f"{lift:.3g}", f"{alignment:.2f}",
+                          f"{100 * sparsity:.1f}%")
+        console.print(table)
+    elif found.blocks:
+        console.print("the artifacts are not made by MLP units this search recognises: test-time registers "
+                      "cannot move them; fit still trains where they build", soft_wrap=True)
     _print_unusable(unusable)
-    console.print(f"wrote {found.save(out)}" if found.count else
-                  "no register neurons found (no artifacts, or none made by a few MLP units); nothing written")
+    console.print(f"wrote {found.save(out)}", soft_wrap=True)
     return found
 
 

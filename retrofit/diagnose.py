@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,15 @@ from .metrics import (
     OutlierFraction,
     PatchNormStats,
     PositionLeakage,
-    outlier_mask,
     outlier_masks,
     repair_scores,
     token_norms,
 )
 from .page import write_page
-from .plots import plot_heads, plot_maps, save_figure
+from .plots import plot_heads, plot_maps, plot_residual, save_figure
 from .progress import track
-from .report import REPORT_NAME, percent
+from .report import REPORT_NAME, RESIDUAL_PNG, percent
+from .residual import ResidualProfile, artifact_tokens, residual_profile
 from .surgery import count_registers, has_class_token
 
 
@@ -127,14 +128,15 @@ def _cosine(
 
 
 def _repair(models: Sequence[tuple[str, nn.Module]], reference: nn.Module, images: Tensor, k: float,
-            threshold: float | None, batch_size: int) -> dict[str, dict[str, float]]:
-    """Each model's patch cosine to the reference, at the first model's artifacts, next to them and elsewhere."""
+            batch_size: int) -> dict[str, dict[str, float]]:
+    """Each model's patch cosine to the reference, at the first model's artifacts (made in any block, whether or
+    not the final features show them), next to them and elsewhere."""
     grids = {}
     for label, model in [*models, ("reference", reference)]:
         with inference(model):
             grids[label] = torch.cat([patch_features(model, images[i:i + batch_size].to(model_device(model))).cpu()
                                       for i in range(0, len(images), batch_size)])
-    artifacts = outlier_mask(grids[models[0][0]], k, threshold)
+    artifacts = artifact_tokens(models[0][1], images, k, batch_size)
     return {label: repair_scores(grids[label], grids["reference"], artifacts) for label, _ in models}
 
 
@@ -209,6 +211,9 @@ def diagnose(
     (input, norm map, CLS attention, PCA; one row per model), ``NNN_<name>_heads.png`` (CLS attention
     per head, for models with a class token) and ``diagnose.json`` holding the report and every
     figure's data under ``"figures"``, and ``index.html``: the whole report on one self-contained page.
+    Per model, ``"residual"`` is how the artifacts build in the residual stream (raw block outputs, no norm:
+    :func:`retrofit.residual.residual_profile`): per block the share of high-norm outliers made there and the
+    largest norm over the image median, and the blocks where they build; with ``out_dir`` also as ``residual.png``.
     With ``compare``, ``"cosine"`` is the patch cosine (mean, 5th percentile) of ``compare``'s final
     features to ``model``'s. With ``reference`` (an artifact-free model, e.g. a synthetic model's twin),
     ``"repair"`` holds each model's :func:`retrofit.metrics.repair_scores` against it, at the positions that
@@ -226,14 +231,17 @@ def diagnose(
             for label, m in models
         ],
     }
+    for summary, (_, m) in zip(report["models"], models, strict=True):
+        summary["residual"] = asdict(residual_profile(m, images, k, batch_size=batch_size, progress=progress)[0])
     if compare is not None:
         report["cosine"] = _cosine(models, images, norm, batch_size, progress)
     if reference is not None:
-        report["repair"] = _repair(models, reference, images, k, threshold, batch_size)
+        report["repair"] = _repair(models, reference, images, k, batch_size)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         report["figures"] = _write_figures(models, images, names, out, k, threshold, batch_size, progress)
+        save_figure(plot_residual(report["models"], k), out / RESIDUAL_PNG)
         write_json(report, out / REPORT_NAME)
         write_page(report, out)
     return report
@@ -269,6 +277,30 @@ def render_table(report: dict[str, Any]) -> Table:
         + ("" if s["class_token"] else f", {NO_CLS_NOTE}")
         for s in models
     )
+    return table
+
+
+def render_residual(report: dict[str, Any]) -> Table:
+    """The residual stream per block (raw block outputs): outliers made there, largest norm over the image median,
+    and where the artifacts build - the numbers that say which blocks make them."""
+    models = report["models"]
+    table = Table(box=box.SIMPLE_HEAD, title="Residual stream per block (raw block outputs, no norm)")
+    table.add_column("block", justify="right", no_wrap=True)
+    if len(models) > 1:
+        table.add_column("model", overflow="fold")
+    for head in ("outliers", "max/median", "growth", ""):
+        table.add_column(head, justify="right", no_wrap=True)
+    profiles = [ResidualProfile(**s["residual"]) for s in models]
+    for block in range(max(len(p.outliers) for p in profiles)):
+        for summary, p in zip(models, profiles, strict=True):
+            if block < len(p.outliers):
+                label = [summary["label"]] if len(models) > 1 else []
+                table.add_row(str(block), *label, percent(p.outliers[block]), f"{p.max_ratio[block]:.1f}",
+                              f"{p.growth[block]:.2f}", "builds" if block in p.blocks else "")
+        if len(models) > 1:
+            table.add_section()
+    table.caption = "; ".join(f"{s['label']}: {'artifacts build in ' if p.blocks else ''}{p.describe()}"
+                              for s, p in zip(models, profiles, strict=True))
     return table
 
 

@@ -18,7 +18,6 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from .errors import RetrofitError
-from .features import patch_features
 
 Grids = Tensor | Sequence[Tensor] | Mapping[Any, Tensor]
 

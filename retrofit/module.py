@@ -260,7 +260,7 @@ class RetrofitModule(L.LightningModule):
         return vit
 
     def _apply_freeze(self) -> None:
-        """requires_grad after the freeze preset (``auto`` depends on where the artifacts build, known from the data)."""
+        """requires_grad after the freeze preset (``auto``: on where the artifacts build, known from the data)."""
         h, vit = self.hparams, self.student_vit
         prefixes = trainable_prefixes(vit, h.freeze, h.last_k, self.artifact_blocks)
         for name, p in vit.named_parameters():

@@ -28,7 +28,6 @@ from torch import Tensor, nn
 from .errors import RetrofitError
 from .files import write_json
 from .residual import ResidualProfile, forwards, residual_profile
-from .progress import track
 from .surgery import check_supported
 
 
@@ -179,7 +178,7 @@ def find_register_neurons(
     model: nn.Module,
     images: Tensor,
     k: float = 3.0,
-    min_lift: float = 10.0,
+    min_lift: float = 2.0,
     min_share: float = 0.002,
     min_alignment: float = 0.3,
     sparse_below: float = 0.5,

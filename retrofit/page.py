@@ -18,7 +18,7 @@ from typing import Any
 
 from .files import write_atomic
 from .metrics import REPAIR_KEYS
-from .report import percent
+from .report import RESIDUAL_PNG, percent
 
 PAGE_NAME = "index.html"
 
@@ -97,6 +97,25 @@ def _layers_table(report: Mapping[str, Any]) -> str:
     return _table(header, rows, 0, groups)
 
 
+def _residual_table(report: Mapping[str, Any]) -> str:
+    models = report["models"]
+    groups = "<tr><th></th>" + "".join(f'<th colspan="3">{_e(s["label"])}</th>' for s in models) + "</tr>"
+    header = ["block"] + [name for _ in models for name in ("outliers", "max/median", "growth")]
+    rows = []
+    for block in range(max(len(s["residual"]["outliers"]) for s in models)):
+        cells = [_cell(str(block))]
+        for s in models:
+            r = s["residual"]
+            if block >= len(r["outliers"]):  # a shallower model
+                cells += [_cell("")] * 3
+                continue
+            builds = r["start"] is not None and r["start"] <= block <= r["end"]
+            cells += [_outlier_cell(r["outliers"][block]), _cell(f"{r['max_ratio'][block]:.1f}"),
+                      _cell(f"{r['growth'][block]:.2f}", "bad" if builds else "")]
+        rows.append(cells)
+    return _table(header, rows, 0, groups)
+
+
 def _image_rows(report: Mapping[str, Any], name: str) -> list[list[str]]:
     rows = []
     for s in report["models"]:
@@ -151,6 +170,11 @@ def render_page(report: Mapping[str, Any], folder: str | Path) -> str:
 <p>Median, 99th percentile and max of the patch-token norms over all images; the share of high- and low-norm
 outlier tokens (artifacts are high-norm).</p>
 {_layers_table(report)}
+<h2>Residual stream per block</h2>
+<p>Where artifacts are made: the raw output of every block (no norm), the share of patch tokens that block makes
+high-norm outliers, the largest norm over its image's median, and (shaded) the blocks where they build.</p>
+{_residual_table(report)}
+{_png(Path(folder), RESIDUAL_PNG, "the residual stream per block")}
 <h2>Maps per image</h2>
 <p>Input, patch-token norm (outliers circled), CLS attention of the last block and the first three principal
 components of the patch features as RGB; one row per model.</p>

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -85,5 +86,9 @@ def train(
     """
     continue_run(run, ckpt_path)
     run.callbacks = [*fault_callbacks(resume(run)), *run.callbacks, *([export] if export is not None else [])]
+    if ckpt_path is not None and Path(ckpt_path).is_file():
+        # said before fit, Lightning's public way: the module's setup then knows it resumes and keeps what the run
+        # found about its teacher instead of searching again (fit(ckpt_path=...) tells it only after setup)
+        run.ckpt_path, ckpt_path = ckpt_path, None
     with explain_stops(run):
         run.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -123,3 +123,26 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write a PNG through a temporary file and a rename, so a reader never sees half an image."""
     FigureCanvasAgg(fig)
     return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def plot_residual(models: Sequence[dict], k: float) -> Figure:
+    """Outlier share and largest norm over the image median per block of the residual stream, one line per model
+    (diagnose's ``models`` entries); the blocks where a model's artifacts build are shaded in its colour."""
+    fig = Figure(figsize=(10, 3.4))
+    axes = fig.subplots(1, 2, gridspec_kw={"left": 0.07, "right": 0.98, "bottom": 0.16, "top": 0.84, "wspace": 0.25})
+    for i, summary in enumerate(models):
+        r, colour = summary["residual"], f"C{i}"
+        blocks = np.arange(len(r["outliers"]))
+        axes[0].plot(blocks, 100 * np.asarray(r["outliers"]), marker="o", color=colour, label=summary["label"])
+        axes[1].plot(blocks, r["max_ratio"], marker="o", color=colour, label=summary["label"])
+        if r["start"] is not None:
+            for ax in axes:
+                ax.axvspan(r["start"] - 0.4, r["end"] + 0.4, color=colour, alpha=0.12)
+    axes[0].set_title(f"high-norm outliers made per block (> {k:g}x the image median), %", fontsize=9)
+    axes[1].set_title("largest patch-token norm / image median", fontsize=9)
+    axes[1].axhline(k, color="grey", linewidth=1, linestyle="--")
+    for ax in axes:
+        ax.set_xlabel("block (raw output, no norm)", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle("Residual stream per block (shaded: where the artifacts build)", fontsize=10)
+    return fig

@@ -14,6 +14,7 @@ from typing import Any
 from .errors import RetrofitError, first_line
 
 REPORT_NAME = "diagnose.json"
+RESIDUAL_PNG = "residual.png"  # the residual stream per block, beside the report
 
 
 def read_report(report: Mapping[str, Any] | str | Path) -> Mapping[str, Any]:

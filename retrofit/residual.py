@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .features import forward_tokens, inference, model_device
+from .features import forward_tokens, grid_size, inference, model_device
 from .progress import track
 
 
@@ -103,6 +103,21 @@ def residual_norms(model: nn.Module, images: Tensor, batch_size: int = 8, progre
     return torch.cat(norms)
 
 
+def made_outliers(norms: Tensor, k: float = 3.0) -> Tensor:
+    """(images, blocks, tokens) bool from :func:`residual_norms`: the patch tokens a block's raw output makes
+    high-norm outliers (norm > ``k`` x the image median) that were not already so in the embedded patches (bright
+    or busy patches can be, in a model without any artifact)."""
+    ratio = norms / norms.median(dim=-1, keepdim=True).values.clamp_min(1e-12)
+    return (ratio[:, 1:] > k) & ~(ratio[:, :1] > k)
+
+
+def artifact_tokens(model: nn.Module, images: Tensor, k: float = 3.0, batch_size: int = 8) -> Tensor:
+    """Where ``model`` has artifacts on ``images``, (B, h, w) bool: the patch tokens that any block makes high-norm
+    outliers (:func:`made_outliers`). The final features need not show them."""
+    made = made_outliers(residual_norms(model, images, batch_size), k).any(dim=1)
+    return made.view(len(images), *grid_size(model, *images.shape[-2:]))
+
+
 def _separation(model: nn.Module, images: Tensor, tokens: Tensor, batch_size: int, progress: bool) -> Tensor:
     """Mean of the ``tokens`` (images, patches) bool minus the mean of the other patch tokens, at every point of the
     residual stream as :func:`residual_norms` indexes it, (1 + blocks, D) float64."""
@@ -139,34 +154,34 @@ def residual_profile(
     images: Tensor,
     k: float = 3.0,
     min_fraction: float = 0.002,
-    min_growth: float = 0.1,
+    min_growth: float = 0.2,
     batch_size: int = 8,
     progress: bool = False,
 ) -> tuple[ResidualProfile, Tensor]:
     """Where ``model``'s artifacts build, from normalised ``images`` (N, 3, H, W), and the artifact tokens
     (N, patches) bool.
 
-    A block's outliers are the patch tokens its raw output makes high-norm (``k`` x the image median) that were not
-    already so in the embedded patches (bright or busy patches can be, in a model without any artifact). A model
+    A block's outliers are those it makes (:func:`made_outliers`). A model
     has artifacts when some block holds at least ``min_fraction`` of them; the artifact tokens are those of the
-    first block that holds 90% of the largest share. Their *direction* is how their mean there differs from the
-    other tokens' mean, on the few channels that hold most of that difference; each block's growth is how far it
-    moves them along it. They build in the blocks whose
+    first block that holds 90% of the largest share. Their *direction* is what the blocks up to there have added to
+    the difference between their mean and the other tokens' mean, on the few channels that hold most of it; each
+    block's growth is how far it moves them along it. They build in the blocks whose
     growth is at least ``min_growth`` of the largest: one block for a single source, a run of blocks where they
     grow layer by layer, never a later block that only carries them or reads them.
     """
     norms = residual_norms(model, images, batch_size, progress)
-    ratio = norms / norms.median(dim=-1, keepdim=True).values.clamp_min(1e-12)
-    made = (ratio[:, 1:] > k) & ~(ratio[:, :1] > k)  # (images, blocks, patches)
-    fractions, max_ratio = made.float().mean(dim=(0, 2)), ratio[:, 1:].amax(dim=(0, 2))
+    made = made_outliers(norms, k)  # (images, blocks, patches)
+    ratio = norms[:, 1:] / norms[:, 1:].median(dim=-1, keepdim=True).values.clamp_min(1e-12)
+    fractions, max_ratio = made.float().mean(dim=(0, 2)), ratio.amax(dim=(0, 2))
     largest = fractions.max().item()
     if largest < min_fraction:
         none = ResidualProfile(fractions.tolist(), max_ratio.tolist(), [0.0] * len(fractions), None, None, None)
         return none, torch.zeros_like(made[:, 0])
     peak = int((fractions >= 0.9 * largest).nonzero()[0])
     tokens = made[:, peak]
-    separation = _separation(model, images, tokens, batch_size, progress)
-    along = separation @ _direction(separation[peak + 1])
+    added = _separation(model, images, tokens, batch_size, progress)
+    added = added - added[0]  # what the blocks add to how the artifact tokens differ from the others
+    along = added @ _direction(added[peak + 1])
     rise = torch.diff(along).float().cpu()
     growth = rise / rise.max().clamp_min(1e-12)
     building = (growth >= min_growth).nonzero().flatten()

@@ -87,26 +87,61 @@ def test_phreg_trains_two_blocks_of_a_pre_norm_clip_model():
     assert any(n.startswith("blocks.4.") for n in trainable(module))
 
 
-def test_auto_trains_the_registers_and_the_block_where_the_artifacts_start(caplog):
+def spread_plant(size: int = 32) -> torch.nn.Module:
+    """test_vit with artifacts built over blocks 2 and 3, two unit groups of 4 in each."""
     torch.manual_seed(0)
-    planted = plant_artifacts(timm.create_model("test_vit", pretrained=False, img_size=32, patch_size=8).eval(),
-                              images=synthetic_images(32, 32, seed=2, mean=(0.5,) * 3, std=(0.5,) * 3))
-    module = RetrofitModule(planted, lr=1e-2, min_lr=1e-3, targets=FAST)
-    assert trainable(module) == {"reg_token"}  # until the data shows where the artifacts start
+    return plant_artifacts(timm.create_model("test_vit", pretrained=False, img_size=size, patch_size=8).eval(),
+                           blocks=[2, 3], groups=2, images=synthetic_images(32, size, seed=2, mean=(0.5,) * 3,
+                                                                            std=(0.5,) * 3))
+
+
+def first_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(("Artifact source", "Resumed"))]
+
+
+def test_auto_trains_the_registers_and_the_blocks_where_the_artifacts_build(caplog):
+    module = RetrofitModule(spread_plant(), lr=1e-2, min_lr=1e-3, targets=FAST, source_images=12)
+    assert trainable(module) == {"reg_token"}  # until the data shows where the artifacts build
     trainer(2).fit(module, datamodule=data(n=16))
-    assert module.onset == 2 and module.loss_layers == (2,)  # plant_artifacts' block: a third of the depth
-    assert covered(trainable(module), {"reg_token"} | blocks(2)) and any("blocks.2." in n for n in trainable(module))
-    assert module.neurons is not None and set(module.neurons.units) == {2}  # found, and used for the targets
-    assert module.targets.neurons is module.neurons
-    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("First training batch")]
-    assert len(said) == 1 and "artifacts start at block 2; 4 register neurons" in said[0]
-    assert "training the registers and block 2." in said[0]
+    found = module.artifact_source
+    assert module.artifact_blocks == [2, 3] and module.loss_layers == (2, 3)
+    assert covered(trainable(module), {"reg_token"} | blocks(2, 3))
+    assert {n.split(".")[1] for n in trainable(module) if n.startswith("blocks.")} == {"2", "3"}
+    assert module.neurons is found and set(found.units) == {2, 3} and module.targets.neurons is found
+    assert found.images == [f"tensor:{i}" for i in range(12)]  # 12 training images over 3 batches, by key
+    said = first_lines(caplog)
+    assert len(said) == 1 and said[0].startswith("Artifact source (12 training images): up to ")
+    assert f"artifacts build in blocks 2-3, {found.count} register neurons (the teacher's targets use them); " \
+           "training the registers and blocks 2-3." in said[0]
     caplog.clear()
     clean = RetrofitModule(vit(), targets=FAST)
     trainer(1).fit(clean, datamodule=data())
-    assert clean.onset is None and clean.neurons is None and trainable(clean) == {"reg_token"}
-    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("First training batch")]
-    assert len(said) == 1 and "no artifacts" in said[0] and "training the registers." in said[0]
+    assert clean.artifact_blocks == [] and clean.neurons is None and trainable(clean) == {"reg_token"}
+    said = first_lines(caplog)
+    assert len(said) == 1 and "residual stream, no artifacts; training the registers." in said[0]
+
+
+@pytest.mark.parametrize("settings", [
+    dict(loss_layers=[-1]),  # the last block is the output itself
+    dict(loss_layers=[5, 2, -4, 2]),  # the last block, duplicates, a negative index
+    dict(artifact_blocks=[5], register_neurons=None),  # artifacts said to build in the last block
+    dict(artifact_blocks=[-1, 5, 3]),
+])
+def test_legal_layer_settings_train(settings):
+    module = RetrofitModule(vit(), lr=1e-2, min_lr=1e-3, targets=FAST, **settings)
+    trainer(2).fit(module, datamodule=data())
+    assert module.global_step == 2 and math.isfinite(float(module.trainer.callback_metrics["train/loss"]))
+    assert 5 not in module.loss_layers and len(set(module.loss_layers)) == len(module.loss_layers)
+    if "artifact_blocks" in settings:
+        assert {n.split(".")[1] for n in trainable(module) if n.startswith("blocks.")} == \
+            {str(b % 6) for b in settings["artifact_blocks"]}
+
+
+def test_nothing_to_train_is_one_line():
+    module = RetrofitModule(vit(), num_registers=0, targets=FAST)
+    with pytest.raises(RetrofitError, match="nothing to train") as err:
+        trainer(2).fit(module, datamodule=data())
+    assert "\n" not in str(err.value) and "add registers" in str(err.value)
 
 
 def test_lora_merges_into_a_plain_timm_model_with_identical_outputs():
@@ -189,17 +224,16 @@ class StopAt(L.Callback):
 
 
 @pytest.mark.parametrize("freeze", ["auto", "phreg", "lora"])
-def test_kill_and_resume_equals_the_uninterrupted_run(freeze, tmp_path):
-    torch.manual_seed(0)
-    teacher = vit() if freeze != "auto" else plant_artifacts(
-        timm.create_model("test_vit", pretrained=False, img_size=32, patch_size=8).eval(),
-        images=synthetic_images(32, 32, seed=2, mean=(0.5,) * 3, std=(0.5,) * 3))
+def test_kill_and_resume_equals_the_uninterrupted_run(freeze, tmp_path, monkeypatch, caplog):
+    teacher = vit() if freeze != "auto" else spread_plant()
     settings = dict(freeze=freeze, lr=1e-2, min_lr=1e-3, targets=TargetSettings(num_views=3, num_candidates=8))
 
-    def run(steps, ckpt=None, callbacks=()):
+    def run(steps, ckpt=None, callbacks=(), said_before=True):
         module = RetrofitModule(teacher, **settings)
-        trainer(steps, callbacks=list(callbacks), enable_checkpointing=bool(callbacks)).fit(
-            module, datamodule=data(shuffle=True), ckpt_path=ckpt)
+        run = trainer(steps, callbacks=list(callbacks), enable_checkpointing=bool(callbacks))
+        if said_before:  # as retrofit's pipeline resumes: the module knows it in setup
+            run.ckpt_path, ckpt = ckpt, None
+        run.fit(module, datamodule=data(shuffle=True), ckpt_path=ckpt)
         return module
 
     full = run(4)
@@ -208,13 +242,22 @@ def test_kill_and_resume_equals_the_uninterrupted_run(freeze, tmp_path):
     path = tmp_path / "epoch=0-step=2.ckpt"
     saved = torch.load(path, weights_only=True)
     assert not any(k.startswith("teacher.") for k in saved["state_dict"])
+    searches = []
+    monkeypatch.setattr("retrofit.module.find_register_neurons", lambda *a, **k: searches.append(a))
+    caplog.clear()
     resumed = run(4, ckpt=str(path))
+    assert searches == [] and [line.split(":")[0] for line in first_lines(caplog)] == ["Resumed"]
     assert resumed.global_step == 4
     for (name, a), (_, b) in zip(full.student.state_dict().items(), resumed.student.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert torch.equal(full.targets.get_rng_state(), resumed.targets.get_rng_state())
-    assert (resumed.onset, resumed.neurons) == (full.onset, full.neurons)
-    assert freeze != "auto" or (full.onset == 2 and full.neurons is not None)
+    assert resumed.artifact_source == full.artifact_source and resumed.loss_layers == full.loss_layers
+    assert freeze != "auto" or (full.artifact_blocks == [2, 3] and full.neurons is not None)
+    if freeze == "auto":  # told only by fit(ckpt_path=...), setup searches; the checkpoint's findings still win
+        monkeypatch.undo()
+        caplog.clear()
+        again = run(3, ckpt=str(path), said_before=False)
+        assert again.artifact_source == full.artifact_source and first_lines(caplog)[-1].startswith("Resumed")
 
 
 def test_bf16_mixed_precision_on_cpu_trains():

@@ -53,15 +53,15 @@ def trainable_parameters(model: Namespace) -> tuple[int, int]:
     """(trainable, total) student parameters of fit's ``model`` settings, built on the meta device.
 
     The student is built by RetrofitModule itself, so the count is what the freeze preset really trains.
-    ``auto`` trains the block where the artifacts start, which only the data tells; every block of a ViT has
-    the same size, so it is counted with the block at a third of the depth. The classifier head is left out
-    of the total: it never reaches the patch features.
+    ``auto`` trains the blocks where the artifacts build, which only the data tells; every block of a ViT has
+    the same size, so it is counted with one block (at a third of the depth): the least it trains. The classifier
+    head is left out of the total: it never reaches the patch features.
     """
     settings = {k: v for k, v in model.as_dict().items() if k not in ("backbone", "checkpoint", "model_kwargs")}
     with torch.device("meta"):
         arch = load_backbone(model.backbone, pretrained=False, **{"num_classes": 0, **(model.model_kwargs or {})})
-        if settings.get("onset_block") is None:
-            settings["onset_block"] = len(arch.blocks) // 3
+        if settings.get("artifact_blocks") is None:
+            settings["artifact_blocks"] = [len(arch.blocks) // 3]
         student = RetrofitModule(arch, **settings).student
     params = list(student.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
