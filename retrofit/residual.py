@@ -42,8 +42,9 @@ class ResidualProfile:
     max_ratio: list[float]
     """Largest patch-token norm over its image's median norm, per block."""
     growth: list[float]
-    """How far each block moves the artifact tokens along their own direction, away from the other tokens, as a
-    share of the largest such move (1 for the block that adds most; about 0 for a block that only carries them)."""
+    """How much each block builds the artifact tokens: the smaller of how far it moves them along their direction
+    and how much it raises their norm above the image median, each as a share of the largest such step (about 1
+    for a block that makes them; about 0 or below for one that only carries or reads them)."""
     start: int | None
     """First block where the artifacts build (None: no artifacts)."""
     end: int | None
@@ -149,6 +150,11 @@ def _direction(separation: Tensor, energy: float = 0.9) -> Tensor:
     return F.normalize(kept, dim=0)
 
 
+def _shares(steps: Tensor) -> Tensor:
+    """Each step as a share of the largest one."""
+    return steps / steps.max().clamp_min(1e-12)
+
+
 def residual_profile(
     model: nn.Module,
     images: Tensor,
@@ -164,10 +170,12 @@ def residual_profile(
     A block's outliers are those it makes (:func:`made_outliers`). A model
     has artifacts when some block holds at least ``min_fraction`` of them; the artifact tokens are those of the
     first block that holds 90% of the largest share. Their *direction* is what the blocks up to there have added to
-    the difference between their mean and the other tokens' mean, on the few channels that hold most of it; each
-    block's growth is how far it moves them along it. They build in the blocks whose
-    growth is at least ``min_growth`` of the largest: one block for a single source, a run of blocks where they
-    grow layer by layer, never a later block that only carries them or reads them.
+    the difference between their mean and the other tokens' mean, on the few channels that hold most of it. A
+    block builds them where it both moves them along that direction and raises their norm above their image's
+    median: its *growth* is the smaller of the two, each as a share of the largest such step. They build in the
+    blocks whose growth is at least ``min_growth``: one block for a single source, a run of blocks where they grow
+    layer by layer; not a block that only carries them, reads them (and writes elsewhere) or adds to what sets
+    their patches apart (flatness) without making them stand out.
     """
     norms = residual_norms(model, images, batch_size, progress)
     made = made_outliers(norms, k)  # (images, blocks, patches)
@@ -181,9 +189,9 @@ def residual_profile(
     tokens = made[:, peak]
     added = _separation(model, images, tokens, batch_size, progress)
     added = added - added[0]  # what the blocks add to how the artifact tokens differ from the others
-    along = added @ _direction(added[peak + 1])
-    rise = torch.diff(along).float().cpu()
-    growth = rise / rise.max().clamp_min(1e-12)
+    along = (added @ _direction(added[peak + 1])).float().cpu()
+    excess = (norms - norms.median(dim=-1, keepdim=True).values).permute(1, 0, 2)[:, tokens].mean(dim=1)
+    growth = torch.minimum(_shares(torch.diff(along)), _shares(torch.diff(excess)))
     building = (growth >= min_growth).nonzero().flatten()
     profile = ResidualProfile(fractions.tolist(), max_ratio.tolist(), growth.tolist(), int(building[0]),
                               int(building[-1]), peak)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from retrofit import RetrofitError, export, load, patch_features
 from retrofit.metrics import outlier_mask, patch_cosine
+from retrofit.residual import artifact_tokens, made_outliers, residual_norms, residual_profile
 from retrofit.synthetic import plant_artifacts, synthetic_images
 
 SIZE, PATCH = 64, 8
@@ -21,6 +22,13 @@ def models():
     clean = timm.create_model("test_vit", pretrained=False, img_size=SIZE, patch_size=PATCH).eval()
     snapshot = copy.deepcopy(clean.state_dict())
     return clean, snapshot, plant_artifacts(clean), plant_artifacts(clean, silent=True)
+
+
+@pytest.fixture(scope="module")
+def spread(models):
+    """Artifacts built over blocks 1-3, three unit groups of 4 in each (36 units), the final norm raised."""
+    settings = dict(blocks=[1, 2, 3], groups=3, final_norm=True, seed=1)
+    return plant_artifacts(models[0], **settings), plant_artifacts(models[0], **settings, silent=True)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +47,13 @@ def ratio_to_median(grid: torch.Tensor) -> torch.Tensor:
     return norms / norms.median(dim=1, keepdim=True).values
 
 
+def changed_units(model, twin) -> dict[int, int]:
+    """Block -> how many MLP units write differently in the model and its twin."""
+    counts = {b: int((x.mlp.fc2.weight != y.mlp.fc2.weight).any(dim=0).sum())
+              for b, (x, y) in enumerate(zip(model.blocks, twin.blocks, strict=True))}
+    return {b: n for b, n in counts.items() if n}
+
+
 def test_synthetic_images_are_seeded_with_flat_backgrounds():
     a = synthetic_images(8, 32, seed=1, mean=(0, 0, 0), std=(1, 1, 1))
     assert torch.equal(a, synthetic_images(8, 32, seed=1, mean=(0, 0, 0), std=(1, 1, 1)))
@@ -52,41 +67,84 @@ def test_synthetic_images_are_seeded_with_flat_backgrounds():
     torch.testing.assert_close(normalised, (a - 0.5) / 0.25)
 
 
-def test_artifacts_fraction_strength_and_onset(models, held_out):
+def test_one_block_makes_them_in_the_residual_stream_and_the_final_norm_may_hide_them(models, held_out):
+    """Darcet et al. see artifacts block by block in the raw residual stream: nothing before the block that makes
+    them, the same tokens at ~8x the median after it. The final norm, left as it is, may hide them (test_vit's is
+    all ones: every output token has the same norm); raised, it shows them at ~8x too."""
     clean, snapshot, planted, _ = models
     x = center(held_out)
+    norms = residual_norms(planted, x)
+    made = made_outliers(norms)
+    fractions = made.float().mean(dim=(0, 2))
+    assert fractions[:2].sum() < 0.002 and (fractions[2:] > 0.01).all()  # block 2 (a third of the depth) makes them
+    assert residual_profile(planted, x)[0].blocks == [2]
+    assert (made[:, 2] == made[:, 5]).float().mean() > 0.99  # the same tokens, carried to the last block
+    ratio = norms[:, 3] / norms[:, 3].median(dim=-1, keepdim=True).values
+    assert ratio[made[:, 2]].median() >= 6  # about 8x the median norm
+    assert max(residual_profile(clean, x)[0].outliers) == 0
     with torch.no_grad():
-        out = patch_features(planted, x)
-        per_layer = patch_features(planted, x, layers=list(range(6)))
-        assert outlier_mask(patch_features(clean, x)).sum() == 0
-    artifacts = outlier_mask(out)
-    assert 0.015 <= artifacts.float().mean().item() <= 0.05  # a few percent of held-out tokens
-    assert ratio_to_median(out).flatten()[artifacts.flatten()].median() >= 6  # about 8x the median norm
-    for layer in range(6):  # block 2 (a third of the depth) makes them; the same tokens stand out after it
-        fraction = outlier_mask(per_layer[layer]).float().mean().item()
-        assert fraction == 0 if layer < 2 else fraction > 0.01
-    assert (outlier_mask(per_layer[2]) & artifacts).sum() >= 0.8 * artifacts.sum()
+        assert outlier_mask(patch_features(planted, x)).sum() == 0  # hidden by the final norm as it is
+        raised = plant_artifacts(clean, final_norm=True)
+        out = patch_features(raised, x)
+    shown = outlier_mask(out)
+    assert (shown == made[:, 2].view_as(shown)).float().mean() > 0.99
+    assert ratio_to_median(out).flatten()[shown.flatten()].median() >= 6
     for key, value in clean.state_dict().items():  # the input model is not touched
         assert torch.equal(value, snapshot[key])
 
 
-def test_a_few_mlp_units_make_them_and_the_twin_lacks_only_their_output(models, held_out):
+def test_spread_artifacts_grow_block_by_block(spread, held_out):
+    """Several blocks, several unit groups each, calibrated in order on the output of the earlier ones: the outlier
+    share and the artifacts' norms grow over the planted blocks (massive activations in large ViTs do), and each
+    group fires on patches of its own."""
+    planted, _ = spread
+    images = synthetic_images(32, SIZE, seed=1, **NORM)  # what it was calibrated on
+    norms = residual_norms(planted, images)
+    fractions = made_outliers(norms).float().mean(dim=(0, 2))
+    assert fractions[0] == 0 and fractions[1] < fractions[2] < fractions[3] and 0.02 < fractions[3] < 0.045
+    profile = residual_profile(planted, center(held_out))[0]
+    assert profile.blocks == [1, 2, 3] and min(profile.growth[1:4]) > 0.2 and max(profile.growth[4:]) < 0.1
+    ratio = norms[:, 1:] / norms[:, 1:].median(dim=-1, keepdim=True).values
+    tokens = made_outliers(norms)[:, 3]
+    assert ratio[:, 1][tokens].mean() < ratio[:, 3][tokens].mean()  # the same tokens grow from block 1 to 3
+
+
+def test_mlp_units_make_them_and_the_twin_lacks_only_their_output(models, spread, held_out):
     _, _, planted, silent = models
     changed = {k for k, v in planted.state_dict().items() if not torch.equal(v, silent.state_dict()[k])}
-    assert changed == {"blocks.2.mlp.fc2.weight"}
-    units = (planted.blocks[2].mlp.fc2.weight != silent.blocks[2].mlp.fc2.weight).any(dim=0).nonzero().flatten()
-    assert 2 <= len(units) <= 8  # a few units of 192
+    assert changed == {"blocks.2.mlp.fc2.weight"} and changed_units(planted, silent) == {2: 4}
+    assert changed_units(*spread) == {1: 12, 2: 12, 3: 12}  # three groups of 4 in each planted block
+    for twin in (silent, spread[1]):
+        assert max(residual_profile(twin, center(held_out))[0].outliers) == 0
+
+
+@pytest.mark.parametrize("units", [2, 16])
+def test_unit_counts_from_a_few_to_dozens(models, units):
+    planted = plant_artifacts(models[0], blocks=[2, 3], groups=2, units=units, seed=3)
+    twin = plant_artifacts(models[0], blocks=[2, 3], groups=2, units=units, seed=3, silent=True)
+    assert changed_units(planted, twin) == {2: 2 * units, 3: 2 * units}
+    images = synthetic_images(32, SIZE, seed=3, **NORM)
+    assert 0.02 < max(residual_profile(planted, images)[0].outliers) < 0.045
+
+
+def test_channels_the_final_norm_weighs_most(models):
+    clean = copy.deepcopy(models[0])
     with torch.no_grad():
-        assert outlier_mask(patch_features(silent, center(held_out))).sum() == 0
+        clean.norm.weight.copy_(torch.rand(clean.embed_dim, generator=torch.Generator().manual_seed(0)) + 0.5)
+    planted = plant_artifacts(clean, channels="norm")
+    images = synthetic_images(32, SIZE, seed=0, **NORM)
+    tokens = residual_profile(planted, images)[1]
+    with torch.no_grad():
+        out = patch_features(planted, images, layers=[5], norm=False)[0].flatten(1, 2)[tokens]
+    assert set(out.abs().mean(0).topk(2).indices.tolist()) == set(clean.norm.weight.topk(2).indices.tolist())
 
 
 def test_artifacts_sit_on_flat_patches_and_partly_follow_the_grid(models, held_out):
     """Low-information patches fire them, and position decides too: a one-patch shift of the content keeps
     roughly half of them (real models: ~40%)."""
     _, _, planted, _ = models
-    with torch.no_grad():
-        artifacts = outlier_mask(patch_features(planted, center(held_out)))
-        shifted = {s: outlier_mask(patch_features(planted, center(held_out, *s))) for s in [(0, 1), (1, 0)]}
+    artifacts = artifact_tokens(planted, center(held_out))
+    shifted = {s: artifact_tokens(planted, center(held_out, *s)) for s in [(0, 1), (1, 0)]}
     cells = F.unfold(center(held_out), PATCH, stride=PATCH).unflatten(1, (3, -1))
     spread = cells.std(dim=2).mean(dim=1).view_as(artifacts)  # per-channel pixel std
     flat = spread < 1e-3
@@ -104,7 +162,7 @@ def test_artifacts_change_the_other_tokens_through_attention(models, held_out):
     x = center(held_out)
     with torch.no_grad():
         out, ref = patch_features(planted, x), patch_features(silent, x)
-    artifacts = outlier_mask(out)
+    artifacts = artifact_tokens(planted, x)
     near = F.max_pool2d(artifacts.float()[:, None], 3, 1, 1)[:, 0].bool() & ~artifacts
     cos = patch_cosine(out, ref)
     assert cos[artifacts].mean() < 0.3
@@ -115,8 +173,7 @@ def test_artifacts_change_the_other_tokens_through_attention(models, held_out):
 def test_plant_at_a_second_resolution_and_export(models, tmp_path):
     _, _, planted, _ = models
     bigger = synthetic_images(16, 96, seed=5, **NORM)
-    with torch.no_grad():
-        fraction = outlier_mask(patch_features(planted, bigger)).float().mean().item()
+    fraction = artifact_tokens(planted, bigger).float().mean().item()
     assert 0.005 < fraction < 0.1  # the position embedding is resampled, the circuit keeps working
     loaded = load(export(planted, tmp_path / "planted"))
     with torch.no_grad():
@@ -126,8 +183,14 @@ def test_plant_at_a_second_resolution_and_export(models, tmp_path):
 
 def test_plant_rejects_bad_settings():
     model = timm.create_model("test_vit", pretrained=False, img_size=SIZE, patch_size=PATCH)
-    with pytest.raises(RetrofitError, match="block must be in 1..5"):
-        plant_artifacts(model, block=6)
+    with pytest.raises(RetrofitError, match="blocks must be consecutive and in 1..5"):
+        plant_artifacts(model, blocks=6)
+    with pytest.raises(RetrofitError, match="blocks must be consecutive"):
+        plant_artifacts(model, blocks=[2, 4])
+    with pytest.raises(RetrofitError, match="an even units >= 2"):
+        plant_artifacts(model, units=3)
+    with pytest.raises(RetrofitError, match="channels must be"):
+        plant_artifacts(model, channels="loud")
     with pytest.raises(RetrofitError, match="strength"):
         plant_artifacts(model, strength=0.5)
     with pytest.raises(RetrofitError, match="calibration images must be"):
