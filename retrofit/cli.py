@@ -36,7 +36,6 @@ from .faults import continue_run, explain_stops, fault_callbacks
 from .hub import check_repo
 from .module import RetrofitModule
 from .recipes import (
-    fold_comments,
     markdown_table,
     recipe_path,
     recipe_paths,
@@ -222,7 +221,7 @@ def recipe_command(name: str) -> dict[str, str]:
     path = recipe_path(name)
     row = _summary(path)
     console.print(f"# {path}", style="dim", soft_wrap=True)
-    console.print(fold_comments(path.read_text(), console.width), markup=False, highlight=False, soft_wrap=True)
+    console.print(path.read_text(), markup=False, highlight=False, soft_wrap=True, end="")  # as written: 80 columns
     console.print(summary_table([row]))
     return row
 
