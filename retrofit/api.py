@@ -15,7 +15,7 @@ from . import hub
 from .callbacks import training_facts
 from .data import RetrofitDataModule
 from .errors import RetrofitError
-from .faults import continue_run, explain_stops, fault_callbacks
+from .faults import check_resume, continue_run, explain_stops, fault_callbacks
 from .features import square_size
 from .module import RetrofitModule
 
@@ -95,8 +95,10 @@ def retrofit(
     module_kw, data_kw, trainer_kw = _route(settings)
     if push_to_hub is not None:
         hub.check_repo(push_to_hub)
+    check_resume(ckpt_path)
     module = RetrofitModule(backbone, num_registers=num_registers, **module_kw)
     dm = _data_module(data, data_kw, img_size=square_size(module.teacher))
+    dm.setup("fit")  # a bad data source: one line before the Trainer reports its devices
     if precision is None:
         precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     trainer_kw = {"logger": False, "enable_checkpointing": False, **trainer_kw}

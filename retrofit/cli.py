@@ -16,7 +16,8 @@ import logging
 import shlex
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -32,7 +33,7 @@ from .callbacks import RegisterExport, StepProgressBar
 from .commands import console
 from .data import RetrofitDataModule
 from .errors import RetrofitError
-from .faults import continue_run, explain_stops, fault_callbacks
+from .faults import check_resume, continue_run, explain_stops, fault_callbacks
 from .hub import check_repo
 from .module import RetrofitModule
 from .recipes import (
@@ -44,6 +45,8 @@ from .recipes import (
     resolve_config,
     summary_table,
 )
+
+SEED_LOG = "lightning.fabric.utilities.seed"
 
 # ---- parsing ------------------------------------------------------------------------------------------
 
@@ -131,11 +134,17 @@ class RetrofitCLI(LightningCLI):
         if self._instantiate:
             if self.config.push_to_hub is not None:
                 check_repo(self.config.push_to_hub)  # a bad repo id or no token: before any model is built
+            check_resume(self.config.ckpt_path)
             super().instantiate_classes()
             add_metrics_csv(self.trainer)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """Unless a logger is configured: TensorBoard when it is installed, else CSV (no warning either way)."""
+        """Unless a logger is configured: TensorBoard when it is installed, else CSV (no warning either way).
+
+        The data source is opened first: a missing folder or dataset is one line before the Trainer reports
+        its devices.
+        """
+        self.datamodule.setup("fit")
         trainer = self._get(self.config_init, "trainer", default={})
         if trainer.get("logger") in (None, True):
             root = trainer.get("default_root_dir") or Path.cwd()
@@ -157,14 +166,21 @@ def add_metrics_csv(trainer: L.Trainer) -> None:
         warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
+@contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """The logger ``name`` says nothing inside the block."""
+    log = logging.getLogger(name)
+    log.disabled, disabled = True, log.disabled
+    try:
+        yield
+    finally:
+        log.disabled = disabled
+
+
 def fit_config(args: Sequence[str]) -> Namespace:
     """The resolved ``retrofit fit`` configuration for ``args``, validated without building anything."""
-    seed_log = logging.getLogger("lightning.fabric.utilities.seed")  # "Seed set to 0" says nothing here
-    seed_log.disabled = True
-    try:
+    with _quiet(SEED_LOG):
         return RetrofitCLI(args, instantiate=False).config
-    finally:
-        seed_log.disabled = False
 
 
 def fit(args: Sequence[str]) -> Path:
@@ -172,7 +188,8 @@ def fit(args: Sequence[str]) -> Path:
 
     Trains as configured, then exports; returns the export directory (also printed).
     """
-    cli = RetrofitCLI(args)
+    with _quiet(SEED_LOG):  # "Seed set to 0": config.yaml keeps the seed, and the line came before any error
+        cli = RetrofitCLI(args)
     trainer = cli.trainer
     continue_run(trainer, cli.config.ckpt_path)
     log_dir = Path(trainer.log_dir or trainer.default_root_dir)

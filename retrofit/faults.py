@@ -279,6 +279,16 @@ def explain_stops(trainer: L.Trainer) -> Iterator[None]:
         yield
 
 
+def check_resume(ckpt_path: str | Path | None) -> bool:
+    """Whether ``ckpt_path`` names a checkpoint file to resume from (not one Lightning resolves itself, such as
+    ``last``); one that does not exist is a one-line error, so callers check before building anything."""
+    if ckpt_path is None or str(ckpt_path) in LIGHTNING_CHECKPOINTS or str(ckpt_path).startswith("registry"):
+        return False
+    if not Path(ckpt_path).is_file():
+        raise RetrofitError(f"checkpoint {ckpt_path} does not exist: pass a .ckpt from a run's checkpoints folder.")
+    return True
+
+
 def continue_run(trainer: L.Trainer, ckpt_path: str | Path | None) -> None:
     """Resume in the run folder of the checkpoint: ``<root>/<version>/checkpoints/*.ckpt`` keeps ``<version>``.
 
@@ -288,10 +298,8 @@ def continue_run(trainer: L.Trainer, ckpt_path: str | Path | None) -> None:
     delete it on opening the folder). Call before anything asks for ``trainer.log_dir`` or writes a log.
     A checkpoint path that does not exist is a one-line error here, before any training.
     """
-    if ckpt_path is None or str(ckpt_path) in LIGHTNING_CHECKPOINTS or str(ckpt_path).startswith("registry"):
+    if not check_resume(ckpt_path):
         return
-    if not Path(ckpt_path).is_file():
-        raise RetrofitError(f"checkpoint {ckpt_path} does not exist: pass a .ckpt from a run's checkpoints folder.")
     checkpoints = Path(ckpt_path).resolve().parent
     if checkpoints.name != "checkpoints":
         return

@@ -2,8 +2,10 @@
 
 import contextlib
 import json
+import logging
 import resource
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,3 +112,13 @@ def file_size_limit(limit: int) -> Iterator[None]:
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, handler)
+
+
+def lightning_prints_to_stderr(monkeypatch) -> None:
+    """Lightning's log handlers write to the current ``sys.stderr`` (capsys's), not the one they found at import.
+
+    Which of these loggers has a handler depends on whether the root logger had one when Lightning was imported.
+    """
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            monkeypatch.setattr(handler, "stream", sys.stderr)

@@ -22,7 +22,7 @@ from retrofit import load, patch_features
 from retrofit.cli import console, fit_config, main
 from retrofit.surgery import count_registers
 
-from .helpers import SIZE, tiny_model_dir, write_images
+from .helpers import SIZE, lightning_prints_to_stderr, tiny_model_dir, write_images
 
 COMMANDS = (["fit"], ["diagnose"], ["eval", "lost"], ["eval", "probe"], ["export"], ["demo"], ["recipes"], ["recipe"])
 
@@ -175,6 +175,20 @@ def test_offline_fit_fails_fast_naming_fits_flag(workspace: dict[str, Path], mon
     err = capsys.readouterr().err
     assert time.perf_counter() - start < 30
     assert err.count("\n") == 1 and "HF_HUB_OFFLINE is set" in err and "--model.checkpoint PATH in retrofit fit" in err
+
+
+@pytest.mark.parametrize("wrong", ["data", "ckpt"])
+def test_errors_before_training_come_before_anything_lightning_prints(
+    wrong: str, workspace: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lightning_prints_to_stderr(monkeypatch)
+    gone, empty = workspace["root"] / "gone", workspace["root"] / "empty"
+    empty.mkdir(exist_ok=True)
+    extra = {"data": ["--data.source", str(empty)], "ckpt": ["--ckpt_path", f"{gone}.ckpt"]}[wrong]
+    assert main(fit_args(workspace, "early", *extra)) == 1
+    expected = {"data": f"no images in {empty}: expected files ending in .jpg, .jpeg, .png, .webp, .bmp, .tif, .tiff.",
+                "ckpt": f"checkpoint {gone}.ckpt does not exist: pass a .ckpt from a run's checkpoints folder."}
+    assert capsys.readouterr().err.splitlines() == [f"retrofit: error: {expected[wrong]}"]  # no "Seed set to 0" first
 
 
 def test_print_config_resolves_overrides(workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
