@@ -19,20 +19,20 @@ from .errors import first_line
 PROBE_TIMEOUT_S = 5.0
 
 
-@functools.cache
 def hub_unreachable() -> str | None:
-    """Why the Hub at ``HF_ENDPOINT`` cannot be reached, or None when it answers (or offline mode is on already).
-
-    One HEAD request through huggingface_hub's own client, so proxies and certificates count as they do for
-    the downloads; any answer, even an error status, is a route.
-    """
+    """Why the Hub at ``HF_ENDPOINT`` cannot be reached, or None when it answers (or offline mode is on already)."""
     hub = huggingface_hub.constants
-    if hub.HF_HUB_OFFLINE:
-        return None
+    return None if hub.HF_HUB_OFFLINE else _probe(hub.ENDPOINT)
+
+
+@functools.cache
+def _probe(endpoint: str) -> str | None:
+    """One HEAD request through huggingface_hub's own client, so proxies and certificates count as they do for
+    the downloads; any answer, even an error status, is a route. Asked once per endpoint and process."""
     try:
-        huggingface_hub.get_session().head(hub.ENDPOINT, timeout=PROBE_TIMEOUT_S)
+        huggingface_hub.get_session().head(endpoint, timeout=PROBE_TIMEOUT_S)
     except Exception as e:  # refused, no DNS, timeout, TLS: the downloads would fail the same way
-        return f"cannot reach the Hugging Face Hub at {hub.ENDPOINT} ({first_line(e, 80)})"
+        return f"cannot reach the Hugging Face Hub at {endpoint} ({first_line(e, 80)})"
     return None
 
 

@@ -9,10 +9,16 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
+import huggingface_hub
+import pytest
 import timm
 from safetensors.torch import save_file
+
+from retrofit.network import hub_or_cache
 
 from .helpers import SIZE, tiny_model_dir, write_images
 
@@ -75,3 +81,34 @@ def test_without_a_route_to_the_hub_the_cache_serves_and_the_rest_fails_in_secon
         "local cache): pass an image folder, a save_to_disk folder or a Hugging Face dataset name and one of its "
         "splits.",
     ]
+
+
+class NotFound(BaseHTTPRequestHandler):
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(404)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_hub_that_answers_is_a_route_and_offline_mode_holds_only_inside_the_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    hub = huggingface_hub.constants
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    try:
+        monkeypatch.setattr(hub, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        with hub_or_cache() as unreachable:  # even an error status is an answer
+            assert unreachable is None and hub.HF_HUB_OFFLINE is False
+    finally:
+        server.shutdown()
+        server.server_close()
+    closed = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setattr(hub, "ENDPOINT", closed)
+    with hub_or_cache() as unreachable:
+        assert unreachable == f"cannot reach the Hugging Face Hub at {closed} ([Errno 111] Connection refused)"
+        assert hub.HF_HUB_OFFLINE is True
+    assert hub.HF_HUB_OFFLINE is False
