@@ -18,6 +18,7 @@ from .errors import RetrofitError
 from .faults import check_resume, continue_run, explain_stops, fault_callbacks
 from .features import square_size
 from .module import RetrofitModule
+from .steps import ignore_epoch_warnings, log_interval
 
 _TARGETS = (RetrofitModule, RetrofitDataModule, L.Trainer)
 
@@ -101,7 +102,9 @@ def retrofit(
     dm.setup("fit")  # a bad data source: one line before the Trainer reports its devices
     if precision is None:
         precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    trainer_kw = {"logger": False, "enable_checkpointing": False, **trainer_kw}
+    trainer_kw = {"logger": False, "enable_checkpointing": False, "log_every_n_steps": log_interval(max_steps),
+                  **trainer_kw}
+    ignore_epoch_warnings()
     callbacks = [*fault_callbacks(resume="retrofit(..., ckpt_path={path!r})"), *(callbacks or [])]
     trainer = L.Trainer(max_steps=max_steps, precision=precision, accelerator=accelerator, devices=devices,
                         strategy=strategy, callbacks=callbacks, **trainer_kw)

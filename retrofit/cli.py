@@ -45,6 +45,7 @@ from .recipes import (
     resolve_config,
     summary_table,
 )
+from .steps import ignore_epoch_warnings, log_interval
 
 SEED_LOG = "lightning.fabric.utilities.seed"
 
@@ -139,7 +140,8 @@ class RetrofitCLI(LightningCLI):
             add_metrics_csv(self.trainer)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """Unless a logger is configured: TensorBoard when it is installed, else CSV (no warning either way).
+        """Unless a logger is configured: TensorBoard when it is installed, else CSV (no warning either way); unless
+        an interval is, logs often enough for the run's length (:func:`retrofit.steps.log_interval`).
 
         The data source is opened first: a missing folder or dataset is one line before the Trainer reports
         its devices.
@@ -149,6 +151,9 @@ class RetrofitCLI(LightningCLI):
         if trainer.get("logger") in (None, True):
             root = trainer.get("default_root_dir") or Path.cwd()
             kwargs["logger"] = TensorBoardLogger(root) if _tensorboard_available() else CSVLogger(root)
+        if trainer.get("log_every_n_steps") is None:
+            kwargs["log_every_n_steps"] = log_interval(trainer.get("max_steps", -1))
+        ignore_epoch_warnings()
         return super().instantiate_trainer(**kwargs)
 
 

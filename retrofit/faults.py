@@ -309,5 +309,7 @@ def continue_run(trainer: L.Trainer, ckpt_path: str | Path | None) -> None:
             logger._version = run.name  # what the constructor's version= sets; no public setter
             if isinstance(logger, CSVLogger):
                 logger._experiment = ContinuedCSVWriter(logger.log_dir)  # what its experiment property would create
-            # ModelCheckpoint warns about a non-empty folder, which is the point here
-            warnings.filterwarnings("ignore", f"Checkpoint directory {re.escape(str(checkpoints))} exists")
+            # ModelCheckpoint warns about a non-empty folder, which is the point here; it names the folder as the
+            # logger's root was given (relative, say), so the filter matches its last three parts
+            tail = re.escape(str(Path(run.parent.name, run.name, checkpoints.name)))
+            warnings.filterwarnings("ignore", rf"Checkpoint directory (.*/)?{tail} exists and is not empty")

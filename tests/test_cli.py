@@ -20,6 +20,7 @@ from tensorboard.backend.event_processing import event_accumulator  # the dev ex
 
 from retrofit import load, patch_features
 from retrofit.cli import console, fit_config, main
+from retrofit.steps import log_interval
 from retrofit.surgery import count_registers
 
 from .helpers import SIZE, lightning_prints_to_stderr, tiny_model_dir, write_images
@@ -189,6 +190,30 @@ def test_errors_before_training_come_before_anything_lightning_prints(
     expected = {"data": f"no images in {empty}: expected files ending in .jpg, .jpeg, .png, .webp, .bmp, .tif, .tiff.",
                 "ckpt": f"checkpoint {gone}.ckpt does not exist: pass a .ckpt from a run's checkpoints folder."}
     assert capsys.readouterr().err.splitlines() == [f"retrofit: error: {expected[wrong]}"]  # no "Seed set to 0" first
+
+
+def test_log_interval_is_lightnings_unless_the_run_is_short() -> None:
+    assert [log_interval(n) for n in (3, 40, 499, 500, 1000, 5000, -1)] == [1, 4, 49, 50, 50, 50, 50]
+
+
+def test_a_short_run_with_default_logging_writes_metrics_and_its_resume_warns_about_nothing(
+    workspace: dict[str, Path], monkeypatch: pytest.MonkeyPatch, recwarn: pytest.WarningsRecorder,
+) -> None:
+    monkeypatch.chdir(workspace["root"])  # a relative run folder, as a person types it
+    args = fit_args(workspace, "", "--trainer.max_steps", "30", "--trainer.log_every_n_steps", "null",
+                    "--trainer.default_root_dir", "short")
+    with redirect_stdout(io.StringIO()):
+        assert main(args) == 0  # 8 images in batches of 4: 2 batches per epoch, fewer than the logging interval
+        run = Path("short/lightning_logs/version_0")
+        rows = list(csv.DictReader((run / "metrics.csv").open()))
+        assert [int(r["step"]) for r in rows if r.get("train/loss")] == list(range(2, 30, 3))  # every 3rd of 30
+        ckpt = next((run / "checkpoints").glob("*.ckpt"))
+        assert main(["fit", "--config", str(run / "config.yaml"), "--trainer.max_steps", "33", "--ckpt_path",
+                     str(ckpt)]) == 0
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == list(range(2, 33, 3))  # appended to, in place
+    noise = ("smaller than the logging interval", "exists and is not empty")
+    assert not [str(w.message) for w in recwarn if any(n in str(w.message) for n in noise)]
 
 
 def test_print_config_resolves_overrides(workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
