@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from .errors import RetrofitError
@@ -30,6 +30,7 @@ from .hub import check_repo, push_to_hub
 from .maps import compute_maps, display_rgb
 from .metrics import FeatureFidelity, OutlierFraction, PatchNormStats, outlier_mask, repair_scores
 from .module import RetrofitModule
+from .page import percent
 from .plots import figure_array, plot_maps, save_figure
 from .surgery import timm_model
 from .targets import crop_center
@@ -203,6 +204,19 @@ class ArtifactMonitor(_ProbeCallback):
             # every rank evaluates here; all must agree to stop or DDP hangs
             if trainer.strategy.reduce_boolean_decision(self._targets_met(values), all=True):
                 trainer.should_stop = True
+                of = f" of {trainer.max_steps}" if trainer.max_steps > 0 else ""
+                rank_zero_info(f"ArtifactMonitor stopped the run at step {trainer.global_step}{of}: "
+                               f"{self._reason(values)}.")
+
+    def _reason(self, values: dict[str, float]) -> str:
+        """The stop targets that were met, in words."""
+        reasons = []
+        if self.stop_outlier_fraction is not None:
+            reasons.append(f"high-norm outliers {percent(values['outlier_high'])} <= "
+                           f"{percent(self.stop_outlier_fraction)}")
+        if self.stop_fidelity is not None:
+            reasons.append(f"mean fidelity {values['fidelity_mean']:.3f} >= {self.stop_fidelity:.3f}")
+        return " and ".join(reasons)
 
     def _targets_met(self, values: dict[str, float]) -> bool:
         clean = self.stop_outlier_fraction is None or values["outlier_high"] <= self.stop_outlier_fraction

@@ -1,5 +1,6 @@
 """Callbacks inside real Trainer.fit runs (CPU, a few steps, tiny ViTs)."""
 
+import logging
 from types import SimpleNamespace
 
 import lightning as L
@@ -82,7 +83,7 @@ def test_artifact_monitor_logs_what_the_metrics_say(tmp_path):
     assert module.student.training is False  # restored to the mode it had (eval here, set above)
 
 
-def test_monitor_prefers_targets_and_stops_early(tmp_path):
+def test_monitor_prefers_targets_and_stops_early(tmp_path, caplog):
     calls = []
 
     def targets(images, margin):
@@ -92,8 +93,12 @@ def test_monitor_prefers_targets_and_stops_early(tmp_path):
 
     module = Tiny(targets)
     monitor = ArtifactMonitor(every_n_steps=2, stop_outlier_fraction=1.0, stop_fidelity=-1.0)
-    trainer = fit(module, [monitor], tmp_path, max_steps=10)
+    with caplog.at_level(logging.INFO):
+        trainer = fit(module, [monitor], tmp_path, max_steps=10)
     assert trainer.global_step == 2  # targets met at the first check after training started
+    last = monitor.history[-1]
+    assert f"ArtifactMonitor stopped the run at step 2 of 10: high-norm outliers {100 * last['outlier_high']:.2f}% " \
+           f"<= 100.00% and mean fidelity {last['fidelity_mean']:.3f} >= -1.000." in caplog.messages  # says why
     assert calls == [0]  # reference computed once
     assert monitor.history[0]["fidelity_mean"] < -0.99  # the untrained student vs the negated teacher
 
