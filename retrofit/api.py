@@ -9,10 +9,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from torch import nn
 
 from . import hub
-from .callbacks import training_facts
+from .callbacks import StepProgressBar, training_facts
 from .data import RetrofitDataModule
 from .errors import RetrofitError
 from .faults import check_resume, continue_run, explain_stops, fault_callbacks
@@ -106,6 +107,8 @@ def retrofit(
                   **trainer_kw}
     ignore_epoch_warnings()
     callbacks = [*fault_callbacks(resume="retrofit(..., ckpt_path={path!r})"), *(callbacks or [])]
+    if trainer_kw.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(StepProgressBar())  # as fit's: steps of the run, not "Epoch 4/-2"
     trainer = L.Trainer(max_steps=max_steps, precision=precision, accelerator=accelerator, devices=devices,
                         strategy=strategy, callbacks=callbacks, **trainer_kw)
     continue_run(trainer, ckpt_path)
