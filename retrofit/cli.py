@@ -13,8 +13,10 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import logging
+import re
 import shlex
 import sys
+import typing
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -61,13 +63,25 @@ class Strict:
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         parser = getattr(ex, "subcommand_parser", None) or self
-        text = " ".join(message.split())
+        text = _plain_union_error(" ".join(message.split()))
         words = text.split()
         if text.startswith("unrecognized arguments:") and len(words) > 2:
             close = difflib.get_close_matches(words[2].split("=")[0], parser._option_string_actions, n=1)
             text += f"; did you mean {close[0]}?" if close else ""
         prog = parser.prog.replace(" [options]", "")
         raise RetrofitError(f"invalid configuration: {text} (`{prog} --help` lists the options).")
+
+
+UNION_ERROR = re.compile(r'Parser key "(?P<key>[^"]+)": Does not validate against any of the Union subtypes '
+                         r"Subtypes: \[(?P<types>.*?)\] Errors: .* Given value: (?P<value>.*)")
+
+
+def _plain_union_error(text: str) -> str:
+    """jsonargparse's account of a value that fits none of an option's types, as one short sentence."""
+    if (match := UNION_ERROR.fullmatch(text)) is None:
+        return text
+    types = match["types"].replace("<class 'NoneType'>", "null").replace("typing.", "").replace(", ", " or ")
+    return f"--{match['key']} does not take {match['value']!r}: it takes {types}"
 
 
 class CommandParser(Strict, ArgumentParser):
@@ -261,6 +275,38 @@ COMMANDS: dict[str, Any] = {
 }
 
 
+NUMBERS = re.compile(r"-?\d+(\.\d*)?(,-?\d+(\.\d*)?)*")  # "4", "-1", "4,11"
+
+
+def _number_lists(commands: dict[str, Any]) -> set[str]:
+    """The options of ``commands`` (nested) whose values are lists of numbers, such as diagnose's ``--layers``."""
+    options = set()
+    for command in commands.values():
+        if isinstance(command, dict):
+            options |= _number_lists(command)
+        elif callable(command):
+            for name, hint in typing.get_type_hints(command).items():
+                lists = [t for t in (hint, *typing.get_args(hint)) if typing.get_origin(t) is list]
+                if lists and set(typing.get_args(lists[0])) <= {int, float}:
+                    options.add(f"--{name}")
+    return options
+
+
+def join_number_lists(args: Sequence[str], options: set[str]) -> list[str]:
+    """``--layers 11``, ``--layers 4 11`` and ``--layers 4,11`` as jsonargparse reads a list: ``--layers=[4,11]``
+    (which, like ``--layers '[4, 11]'``, it also takes as it is)."""
+    out, i = [], 0
+    while i < len(args):
+        option, _, value = args[i].partition("=")
+        end = i + 1
+        while option in options and not value and end < len(args) and NUMBERS.fullmatch(args[end]):
+            end += 1
+        values = [value] if option in options and NUMBERS.fullmatch(value) else args[i + 1:end]
+        out.append(f"{option}=[{','.join(values)}]" if values else args[i])
+        i = end
+    return out
+
+
 TIMM_MESSAGES = ("Loading pretrained weights from Hugging Face hub", "Loading pretrained weights from url",
                  "Downloading", "Resized position embedding")
 
@@ -287,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args[0] == "fit":
             fit(args[1:])
         else:
-            auto_cli(COMMANDS, args=args, parser_class=CommandParser, prog="retrofit", version=__version__,
+            auto_cli(COMMANDS, args=join_number_lists(args, _number_lists(COMMANDS)), parser_class=CommandParser,
+                     prog="retrofit", version=__version__,
                      description="Give a pretrained timm ViT register tokens after the fact.")
     except RetrofitError as e:
         print(f"retrofit: error: {e}", file=sys.stderr)

@@ -74,7 +74,7 @@ def diagnose_command(
         max_images: use the first N readable images of the folder (unreadable ones are skipped and counted).
         k: outlier factor: norm above k x (or below 1/k x) the image median.
         threshold: absolute norm threshold for high-norm outliers instead of k (e.g. 150 as in Darcet et al.).
-        layers: block indices to measure (default: all).
+        layers: block indices to measure, e.g. --layers 11 or --layers 4 11 (-1: the last block; default: all).
         batch_size: images per forward.
         ttr: register-neuron file from `retrofit neurons`: MODEL runs with test-time registers (no training);
             without --compare, the plain MODEL is shown beside it.

@@ -19,7 +19,7 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator  # the dev extra installs it
 
 from retrofit import load, patch_features
-from retrofit.cli import console, fit_config, main
+from retrofit.cli import console, fit_config, join_number_lists, main
 from retrofit.steps import log_interval
 from retrofit.surgery import count_registers
 
@@ -266,6 +266,31 @@ def test_unknown_command_and_missing_model_are_one_line(tmp_path: Path, capsys: 
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 3 and "invalid choice: 'trian'" in lines[0] and "--checkpoint PATH elsewhere" in lines[1]
     assert "did you mean --images?" in lines[2]
+
+
+@pytest.mark.parametrize(
+    ("given", "read"),
+    [(["11"], ["--layers=[11]"]), (["4", "11"], ["--layers=[4,11]"]), (["-1"], ["--layers=[-1]"]),
+     (["4,11"], ["--layers=[4,11]"]), (["[4, 11]"], ["--layers", "[4, 11]"]), (["=4,11"], ["--layers=[4,11]"])],
+)
+def test_layers_take_plain_numbers(given: list[str], read: list[str]) -> None:
+    args = ["diagnose", "m", "--layers", *given, "--k", "2"]
+    if given[0].startswith("="):
+        args[2:4] = [f"--layers{given[0]}"]
+    assert join_number_lists(args, {"--layers"}) == ["diagnose", "m", *read, "--k", "2"]
+
+
+def test_diagnose_layers_as_a_person_types_them(workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    out, model, images = workspace["root"] / "layers", str(workspace["model"]), str(workspace["images"])
+    args = ["diagnose", model, "--images", images, "--out", str(out), "--max_images", "2"]
+    assert main([*args, "--layers", "4", "-1"]) == 0
+    report = json.loads((out / "diagnose.json").read_text())
+    assert [entry["layer"] for entry in report["models"][0]["layers"]] == [4, 5]
+    assert main([*args, "--layers", "four"]) == 1
+    assert capsys.readouterr().err == ("retrofit: error: invalid configuration: --layers does not take 'four': it "
+                                       "takes list[int] or null (`retrofit diagnose --help` lists the options).\n")
+    assert main(["diagnose", "--help"]) == 0
+    assert "e.g. --layers 11 or --layers 4 11" in " ".join(capsys.readouterr().out.split())
 
 
 def test_diagnose_compare_writes_json_pngs_and_page_and_fits_80_columns(compared: tuple[Path, str]) -> None:
