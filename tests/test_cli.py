@@ -372,6 +372,20 @@ def test_eval_lost_and_probe(workspace: dict[str, Path]) -> None:
     assert probe["n_train"] == 6 and 0 <= probe["miou"] <= 1
 
 
+def test_eval_on_a_folder_without_annotations_names_the_option_that_gives_them(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str],
+) -> None:
+    model, images = str(workspace["model"]), workspace["images"]
+    assert main(["eval", "lost", model, "--dataset", str(images)]) == 1
+    assert main(["eval", "probe", model, "--train", str(images), "--val", str(images), "--num_classes", "2"]) == 1
+    assert capsys.readouterr().err.splitlines() == [  # not "set boxes_column to one of image", after HF's progress
+        f"retrofit: error: {images} holds images but no boxes: pass --boxes FILE (boxes= in Python) with a JSON "
+        f'{{"relative/path.jpg": [[x0, y0, x1, y1], ...]}}, or save that file as {images}/boxes.json.',
+        f"retrofit: error: {images} holds images but no masks: put the images in {images}/images and their masks "
+        f"in {images}/masks (same relative paths), or pass masks= in Python.",
+    ]
+
+
 def test_diagnose_and_eval_skip_and_count_unreadable_images(workspace: dict[str, Path],
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     root = write_images(workspace["root"] / "mixed", 3)
