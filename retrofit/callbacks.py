@@ -28,7 +28,7 @@ from rich.progress import TextColumn
 from torch import Tensor, nn
 
 from .errors import RetrofitError
-from .export import check_target, export
+from .export import check_free, check_target, export
 from .features import inference, patch_features, patch_size
 from .hub import check_repo, push_to_hub
 from .maps import compute_maps, display_rgb
@@ -341,9 +341,7 @@ class RegisterExport(L.Callback):
         training, not after it."""
         if stage != "fit":
             return
-        if not self.overwrite and self.out_dir.exists() and any(self.out_dir.iterdir()):
-            raise RetrofitError(f"{self.out_dir} already exists and is not empty: choose another out_dir or "
-                                "pass overwrite=True.")
+        check_free(self.out_dir, self.overwrite)
         model = getattr(pl_module, self.model_attr, None)
         if isinstance(model, nn.Module):
             check_target(model, self.out_dir, getattr(pl_module, "hparams", {}).get("backbone"))

@@ -23,6 +23,7 @@ from .callbacks import RegisterExport
 from .demo import run_demo
 from .diagnose import REPORT_NAME, diagnose, render_repair, render_table
 from .evaluate import box_dataset, evaluate_lost, evaluate_probe, mask_dataset
+from .export import check_free
 from .features import square_size
 from .files import write_json
 from .images import ImageLog, list_images, load_readable
@@ -277,6 +278,7 @@ def export_command(
     """
     if push_to_hub is not None:
         hub.check_repo(push_to_hub)
+    check_free(out, overwrite)  # before the checkpoint and its backbone are loaded
     module, record = RetrofitModule.from_checkpoint(checkpoint, backbone)
     step = int(record.get("global_step", 0))
     path = module.export(out, overwrite=overwrite, diagnose_report=diagnose, repo_id=push_to_hub,

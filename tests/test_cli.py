@@ -105,6 +105,8 @@ def test_export_of_checkpoint_equals_fit_export(fitted: tuple[Path, str], worksp
     original = load(workspace["model"])
     assert not torch.equal(patch_features(ours, images), patch_features(original, images))  # it did train
     assert main(["export", str(ckpt), "--out", str(out)]) == 1  # existing output kept without --overwrite
+    assert capsys.readouterr().err == (f"retrofit: error: {out} already exists and is not empty: choose another "
+                                       "directory, or replace it with --overwrite true (overwrite=True in Python).\n")
 
 
 def test_registers_added_to_a_model_that_has_some_are_announced_and_counted(
