@@ -18,13 +18,21 @@ import shlex
 import sys
 import typing
 import warnings
+from argparse import Action
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning as L
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, auto_cli, set_parsing_settings
+from jsonargparse import (
+    ActionConfigFile,
+    ArgumentParser,
+    DefaultHelpFormatter,
+    Namespace,
+    auto_cli,
+    set_parsing_settings,
+)
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from rich.logging import RichHandler
@@ -54,12 +62,30 @@ SEED_LOG = "lightning.fabric.utilities.seed"
 # ---- parsing ------------------------------------------------------------------------------------------
 
 
+SPHINX = re.compile(r":[a-z]+:`~?([^`]+)`|``([^`]+)``")  # :func:`name`, ``code``
+
+
+def plain_text(text: str) -> str:
+    """Docstring text as --help shows it: the names in Sphinx roles and double backticks without the markup."""
+    return SPHINX.sub(lambda m: m[1] or m[2], text)
+
+
+class PlainHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help (types and defaults) in plain text: the docstrings it quotes are written for Sphinx."""
+
+    def _get_help_string(self, action: Action) -> str:
+        return plain_text(super()._get_help_string(action))
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(plain_text(text))
+
+
 class Strict:
-    """Parser mixin: options are never abbreviated, and every error is one RetrofitError line naming the field
-    (an unknown option gets the nearest real one)."""
+    """Parser mixin: options are never abbreviated, help is plain text, and every error is one RetrofitError line
+    naming the field (an unknown option gets the nearest real one)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+        super().__init__(*args, **{"allow_abbrev": False, "formatter_class": PlainHelpFormatter, **kwargs})
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         parser = getattr(ex, "subcommand_parser", None) or self
@@ -85,7 +111,14 @@ def _plain_union_error(text: str) -> str:
 
 
 class CommandParser(Strict, ArgumentParser):
-    pass
+    def add_subcommands(self, *args: Any, **kwargs: Any) -> Any:
+        """A parser that only dispatches to subcommands has no settings of its own: no --config / --print_config
+        (auto_cli gives every parser those; the subcommands keep theirs)."""
+        for action in [a for a in self._actions if a.dest in ("config", "print_config")]:
+            for option in action.option_strings:
+                del self._option_string_actions[option]
+            action.container._remove_action(action)
+        return super().add_subcommands(*args, **kwargs)
 
 
 class FitParser(Strict, LightningArgumentParser):
@@ -119,6 +152,9 @@ class RetrofitCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
                 "prog": "retrofit fit",
+                "usage": "retrofit fit [--config RECIPE|FILE] [--data.source DIR] [--print_config]\n"
+                f"{' ' * 20}[--model.KEY VALUE] [--data.KEY VALUE] [--trainer.KEY VALUE]\n"
+                f"{' ' * 20}[--ckpt_path CKPT] [--export_dir DIR] [--push_to_hub REPO]",
                 "description": "Retrofit register tokens into a timm ViT by self-distillation from its frozen "
                 "original. Start from a recipe: retrofit fit --config NAME --data.source DIR.",
             },
@@ -133,6 +169,13 @@ class RetrofitCLI(LightningCLI):
         parser.add_argument("-c", "--config", action=RecipeOrFile,
                             help="A recipe name (see `retrofit recipes`) or a YAML/JSON config file.")
         return parser
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """As LightningCLI's, with retrofit's own settings (model, data) before the Trainer's in --help."""
+        parser.add_lightning_class_args(RetrofitModule, "model")
+        parser.add_lightning_class_args(RetrofitDataModule, "data")
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items() if k != "callbacks"})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None,

@@ -322,7 +322,7 @@ def _nearest_sizes(size: int, patch: int) -> str:
 
 
 class RetrofitDataModule(L.LightningDataModule):
-    """Unlabeled training images for retrofitting, cropped with a teacher margin and normalised.
+    """Unlabeled training images, cropped with a teacher margin and normalised.
 
     Args:
         source: where the images are. A local folder (searched recursively for .jpg .jpeg .png .webp
@@ -347,13 +347,12 @@ class RetrofitDataModule(L.LightningDataModule):
             resized below the full crop S + 2mp.
         shuffle: reshuffle the order every epoch; False keeps the source order.
         seed: seeds the order and every crop: the same seed gives the same batches.
-        mean: normalisation mean; default from the backbone's pretrained_cfg (via configure_for).
-        std: normalisation std; default from the backbone's pretrained_cfg.
-        interpolation: "bicubic", "bilinear", "nearest" or "nearest-exact"; default from the backbone's
-            pretrained_cfg.
-        patch_size: the backbone's patch size p; default from the model given to configure_for.
+        mean: normalisation mean; default: the backbone's (its pretrained_cfg), set when training starts.
+        std: normalisation std; default: the backbone's, as for mean.
+        interpolation: "bicubic", "bilinear", "nearest" or "nearest-exact"; default: the backbone's.
+        patch_size: the backbone's patch size p; default: the backbone's, set when training starts.
         margin: margin m in patches around the student's window (real pixels for the teacher's shifted
-            views). ``configure_for(model, margin_patches)`` replaces it with what the module needs.
+            views); training sets it to what the targets need.
     """
 
     def __init__(

@@ -250,13 +250,22 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 0
     listing = capsys.readouterr().out
     assert all(f"    {c[0]} " in listing for c in COMMANDS)
+    assert not re.search(r"^  --(config|print_config)|\[--config", listing, re.M)  # they did nothing there
 
 
-def test_fit_help_names_the_options_without_listing_classes(capsys: pytest.CaptureFixture[str]) -> None:
+def test_fit_help_names_the_options_without_listing_classes(capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
     assert main(["fit", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "--model.num_registers" in out and "--trainer.max_steps" in out and "default: 1000" in out
-    assert "torch.nn.modules" not in out and len(out.splitlines()) < 700  # was 2,170 lines: every nn.Module
+    lines = out.splitlines()
+    assert "--model.num_registers" in out and "--trainer.max_steps" in out and "default: 1000" in " ".join(out.split())
+    assert "torch.nn.modules" not in out and len(lines) < 600  # was 2,170 lines: every nn.Module
+    first = {o: next(i for i, line in enumerate(lines) if line.lstrip().startswith(o))
+             for o in ("--model.", "--data.", "--trainer.")}
+    assert first["--model."] < 40 and first["--model."] < first["--data."] < first["--trainer."]  # was line 473
+    assert not re.search(r"``|:(func|mod|class|meth):|configure_for", out), "Sphinx markup or internals"
+    assert max(len(line) for line in lines) <= 80 and lines[0].startswith("usage: retrofit fit [--config RECIPE")
     assert main(["fit", "--model.targets.help", "TargetSettings"]) == 0  # field docstrings of TargetSettings
     assert "Views per image, the unshifted one included" in capsys.readouterr().out
 
