@@ -63,6 +63,16 @@ def tiny_model_dir(folder: Path) -> Path:
     return export(perturb_(timm.create_model("test_vit", pretrained=False, img_size=SIZE)), folder)
 
 
+def uniform_vit_dir(folder: Path) -> Path:
+    """An exported test_vit whose patch tokens are all the same vector, whatever the image: LOST's box is then the
+    whole image and a linear probe predicts one class everywhere, so evaluations have exact answers."""
+    model = perturb_(timm.create_model("test_vit", pretrained=False, img_size=SIZE))
+    with torch.no_grad():
+        model.patch_embed.proj.weight.zero_()  # each patch token is the projection's bias ...
+        model.pos_embed.zero_()  # ... at every position
+    return export(model, folder)
+
+
 def square_scene(
     rng: np.random.Generator,
     width: int = 64,

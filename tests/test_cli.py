@@ -23,7 +23,7 @@ from retrofit.cli import console, fit_config, join_number_lists, main
 from retrofit.steps import log_interval
 from retrofit.surgery import count_registers
 
-from .helpers import SIZE, lightning_prints_to_stderr, tiny_model_dir, write_images
+from .helpers import SIZE, lightning_prints_to_stderr, tiny_model_dir, uniform_vit_dir, write_images
 
 COMMANDS = (["fit"], ["diagnose"], ["eval", "lost"], ["eval", "probe"], ["export"], ["demo"], ["recipes"], ["recipe"])
 
@@ -357,30 +357,36 @@ def test_export_with_diagnose_card_and_push(fitted: tuple[Path, str], compared: 
     assert json.loads(upload["files"]["config.json"])["model_args"]["reg_tokens"] == 2
 
 
-def test_eval_lost_and_probe(workspace: dict[str, Path]) -> None:
+def test_eval_lost_and_probe_give_the_known_answers(workspace: dict[str, Path]) -> None:
     root, images = workspace["root"], workspace["images"]
-    boxes = {p.name: [[8, 8, 40, 40]] for p in images.glob("*.png")}
+    uniform = uniform_vit_dir(root / "uniform")  # LOST finds the whole image; the probe, one class everywhere
+    names = sorted(p.name for p in images.glob("*.png"))
+    whole, corner = [0, 0, SIZE, SIZE], [0, 0, SIZE // 8, SIZE // 8]
+    boxes = {name: [whole if i < 4 else corner] for i, name in enumerate(names)}
     (root / "boxes.json").write_text(json.dumps(boxes))
     lost_out = root / "lost.json"
-    args = ["eval", "lost", str(workspace["model"]), "--dataset", str(images), "--boxes", str(root / "boxes.json"),
+    args = ["eval", "lost", str(uniform), "--dataset", str(images), "--boxes", str(root / "boxes.json"),
             "--k", "3", "--out", str(lost_out)]
     assert main(args) == 0
     lost = json.loads(lost_out.read_text())
-    assert lost["n"] == 8 and 0 <= lost["corloc"] <= 1 and len(lost["per_image"]) == 8
+    assert [p["box"] for p in lost["per_image"]] == [whole] * 8
+    assert [p["iou"] for p in lost["per_image"]] == pytest.approx([1.0] * 4 + [1 / 64] * 4)
+    assert (lost["n"], lost["corloc"]) == (8, 0.5)  # the whole image is found; the corner boxes are missed
 
     seg = root / "seg"
     write_images(seg / "images", 6)
     (seg / "masks").mkdir()
     for i in range(6):
         mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
-        mask[SIZE // 2:] = 1
+        mask[SIZE * 3 // 4:] = 1  # a quarter of each image is class 1
         Image.fromarray(mask).save(seg / "masks" / f"img{i:02d}.png")
     probe_out = root / "probe.json"
-    args = ["eval", "probe", str(workspace["model"]), "--train", str(seg), "--val", str(seg), "--num_classes", "2",
-            "--epochs", "2", "--out", str(probe_out)]
+    args = ["eval", "probe", str(uniform), "--train", str(seg), "--val", str(seg), "--num_classes", "2",
+            "--epochs", "5", "--lr", "0.1", "--out", str(probe_out)]
     assert main(args) == 0
     probe = json.loads(probe_out.read_text())
-    assert probe["n_train"] == 6 and 0 <= probe["miou"] <= 1
+    assert probe["n_train"] == 6 and probe["per_class_iou"] == [0.75, 0.0]  # class 0 everywhere: 3/4 right
+    assert (probe["miou"], probe["accuracy"]) == (0.375, 0.75)
 
 
 def test_eval_on_a_folder_without_annotations_names_the_option_that_gives_them(
