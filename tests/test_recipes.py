@@ -17,6 +17,7 @@ LEAF_KEY = re.compile(r"^\s*(- )?[\w_]+: \S")
 def test_recipe_validates_with_phreg_schedule_and_repairing_defaults(path: Path, tmp_path: Path) -> None:
     config = fit_config(["--config", str(path), "--data.source", str(tmp_path)])
     assert config.trainer.precision == "bf16-mixed" and config.model.freeze == "auto"
+    assert config.trainer.log_every_n_steps is None  # the run's length sets it: --trainer.max_steps 40 logs too
     assert config.model.loss_layers == "auto" and config.model.register_neurons == "auto"
     assert config.data.img_size == config.model.model_kwargs["img_size"]
     assert timm.is_model(config.model.backbone)
