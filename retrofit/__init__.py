@@ -1,39 +1,55 @@
-"""retrofit: give a pretrained timm Vision Transformer register tokens after the fact."""
+"""retrofit: give a pretrained timm Vision Transformer register tokens after the fact.
 
+The names below are imported on first use (PEP 562), so ``import retrofit`` - and ``retrofit --help`` -
+load neither torch, timm nor Lightning; submodules (``retrofit.neurons``, ``retrofit.diagnose``, ...) are
+imported the same way.
+"""
+
+from importlib import import_module
 from importlib.metadata import version
-
-from .api import retrofit
-from .backbones import load_backbone
-from .cache import TargetCache, teacher_fingerprint
-from .data import RetrofitDataModule
-from .errors import RetrofitError
-from .export import export, load
-from .features import forward_tokens, patch_features
-from .module import RetrofitModule
-from .surgery import add_registers, count_registers
-from .synthetic import plant_artifacts, synthetic_images
-from .targets import DenoisedTargets, Targets, TargetSettings, crop_center
+from typing import Any
 
 __version__ = version("retrofit")
 
-__all__ = [
-    "DenoisedTargets",
-    "RetrofitDataModule",
-    "RetrofitError",
-    "RetrofitModule",
-    "TargetCache",
-    "TargetSettings",
-    "Targets",
-    "add_registers",
-    "count_registers",
-    "crop_center",
-    "export",
-    "forward_tokens",
-    "load",
-    "load_backbone",
-    "patch_features",
-    "plant_artifacts",
-    "retrofit",
-    "synthetic_images",
-    "teacher_fingerprint",
-]
+_NAMES = {  # public name -> the module that defines it
+    "DenoisedTargets": "targets",
+    "RetrofitDataModule": "data",
+    "RetrofitError": "errors",
+    "RetrofitModule": "module",
+    "TargetCache": "cache",
+    "TargetSettings": "targets",
+    "Targets": "targets",
+    "add_registers": "surgery",
+    "count_registers": "surgery",
+    "crop_center": "targets",
+    "export": "_export",
+    "forward_tokens": "features",
+    "load": "_export",
+    "load_backbone": "backbones",
+    "patch_features": "features",
+    "plant_artifacts": "synthetic",
+    "retrofit": "api",
+    "synthetic_images": "synthetic",
+    "teacher_fingerprint": "cache",
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        value = getattr(import_module(f".{_NAMES[name]}", __name__), name)
+    else:
+        try:
+            value = import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_NAMES})
+

@@ -1,8 +1,13 @@
-"""load_backbone: a timm name, a timm name plus a local checkpoint, or a retrofit export directory."""
+"""load_backbone: a timm name, a timm name plus a local checkpoint, or a retrofit export directory.
+
+It also records where the weights came from (:func:`weights_source`), so that a model card names the
+truth: hub weights by name and tag, a local file by name and sha256, a bare architecture as random.
+"""
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +15,50 @@ import huggingface_hub
 import timm
 from torch import nn
 
+from ._export import WEIGHTS_NAME, export_config, is_export_dir, load
 from .errors import RetrofitError, first_line
-from .export import is_export_dir, load
 from .network import hub_or_cache
 from .surgery import check_supported
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 LOCAL_WEIGHTS_FLAGS = "checkpoint=PATH in Python, --model.checkpoint PATH in retrofit fit, --checkpoint PATH elsewhere"
+SOURCE_ATTR = "retrofit_source"  # the record load_backbone leaves on the model it returns
+
+
+def weights_source(model: nn.Module) -> dict[str, str]:
+    """Where ``model``'s weights came from, as :func:`load_backbone` recorded it: ``model`` (timm name and tag),
+    ``hub_id`` and ``license`` for hub weights; ``file`` and ``sha256`` for local ones; ``weights: random`` for a
+    bare architecture. Empty for a model it did not load (an in-memory module: not recorded)."""
+    return dict(getattr(model, SOURCE_ATTR, None) or {})
+
+
+def _recorded(model: nn.Module, source: dict[str, str]) -> nn.Module:
+    setattr(model, SOURCE_ATTR, source)
+    return model
+
+
+def sha256(path: str | Path) -> str:
+    """The file's SHA-256, read in 1 MiB chunks (a checkpoint can be larger than memory allows twice)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hub_source(spec: str, model: nn.Module) -> dict[str, str]:
+    """Hub weights: the name and tag timm resolved (``vit_base_patch14_dinov2.lvd142m``), the repo and its license."""
+    cfg = model.pretrained_cfg
+    name = spec if spec.startswith("hf-hub:") else ".".join(p for p in (cfg["architecture"], cfg.get("tag")) if p)
+    source = {"model": name, "hub_id": cfg.get("hf_hub_id"), "url": cfg.get("url"), "license": cfg.get("license")}
+    return {k: v for k, v in source.items() if v}
+
+
+def _export_source(path: Path) -> dict[str, str]:
+    """A retrofit export: its weights file by name and hash, and the license its own card knew (if any)."""
+    known = export_config(path).get("retrofit", {}).get("source", {})
+    source = {"file": f"{path.resolve().name}/{WEIGHTS_NAME}", "sha256": sha256(path / WEIGHTS_NAME)}
+    return source | ({"license": known["license"]} if known.get("license") else {})
 
 
 def _from_file(spec: str, path: Path, model_kwargs: dict[str, Any]) -> nn.Module:
@@ -67,7 +109,8 @@ def load_backbone(
     """
     spec = str(spec)
     if is_export_dir(spec):
-        return load(spec, **model_kwargs)
+        model = load(spec, **model_kwargs)
+        return _recorded(model, {"model": model.pretrained_cfg["architecture"], **_export_source(Path(spec))})
     if Path(spec).suffix in CHECKPOINT_SUFFIXES or Path(spec).is_dir():
         raise RetrofitError(
             f"{spec} is a file or folder, not a model name: pass the timm name and the file as checkpoint "
@@ -78,12 +121,13 @@ def load_backbone(
     model = timm.create_model(spec, pretrained=False, **model_kwargs)
     check_supported(model)
     if not pretrained:
-        return model.eval()
+        return _recorded(model.eval(), {"model": spec, "weights": "random"})
     if checkpoint is not None:
-        return _from_file(spec, Path(checkpoint), model_kwargs).eval()
+        model = _from_file(spec, Path(checkpoint), model_kwargs).eval()
+        return _recorded(model, {"model": spec, "file": Path(checkpoint).name, "sha256": sha256(checkpoint)})
     with hub_or_cache() as unreachable:  # no route to the Hub: the cache or a failure at once, not minutes of retries
         try:
-            return timm.create_model(spec, pretrained=True, **model_kwargs).eval()
+            model = timm.create_model(spec, pretrained=True, **model_kwargs).eval()
         except Exception as e:
             if unreachable is not None:
                 where = f"{unreachable}, and they are not in the local cache"
@@ -95,4 +139,5 @@ def load_backbone(
                 f"could not fetch pretrained weights for {spec!r} ({where}): pass a local weights file "
                 f"({LOCAL_WEIGHTS_FLAGS})."
             ) from e
+    return _recorded(model, _hub_source(spec, model))
 

@@ -24,18 +24,17 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import CustomBarColumn, CustomTimeColumn, ProcessingSpeedColumn
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from rich import get_console
 from rich.progress import TextColumn
 from torch import Tensor, nn
 
+from ._export import check_free, check_target, export
 from .errors import RetrofitError
-from .export import check_free, check_target, export
 from .features import inference, patch_features, patch_size
 from .hub import check_repo, push_to_hub
-from .maps import compute_maps, display_rgb
 from .metrics import FeatureFidelity, OutlierFraction, PatchNormStats, outlier_mask, repair_scores
 from .module import RetrofitModule
-from .page import percent
-from .plots import figure_array, plot_maps, save_figure
+from .report import percent
 from .surgery import timm_model
 from .targets import crop_center
 
@@ -259,6 +258,9 @@ class NormMapLogger(_ProbeCallback):
         out_dir = self.out_dir or Path(trainer.log_dir or trainer.default_root_dir) / "norm_maps"  # all ranks
         if not trainer.is_global_zero:
             return
+        from .maps import compute_maps, display_rgb  # drawing code: imported by the runs that draw
+        from .plots import figure_array, plot_maps, save_figure
+
         model = self.model(pl_module)
         images = self.student_view(pl_module)[: self.max_images]
         rgb = display_rgb(images, model)
@@ -308,12 +310,13 @@ class RegisterExport(L.Callback):
     model_attr)`` (a peft model is merged on a copy). The export's model card records the run (steps,
     images, resolution; backbone and freeze preset of a :class:`RetrofitModule`). With ``push_to_hub``
     (``USER/NAME``) the final export is uploaded at fit end (:func:`retrofit.hub.push_to_hub`; the token
-    is checked before training). Only global rank 0 writes and pushes.
+    is checked before training). Only global rank 0 writes and pushes. ``out_dir`` defaults to ``model/`` in
+    the run's log directory. The export is built for the training resolution (``img_size`` of the data).
     """
 
     def __init__(
         self,
-        out_dir: str | Path,
+        out_dir: str | Path | None = None,
         monitor: str | None = None,
         mode: Literal["min", "max"] = "min",
         overwrite: bool = True,
@@ -323,7 +326,8 @@ class RegisterExport(L.Callback):
     ) -> None:
         if mode not in ("min", "max"):
             raise RetrofitError(f"mode must be 'min' or 'max', got {mode!r}.")
-        self.out_dir, self.monitor, self.mode = Path(out_dir), monitor, mode
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.monitor, self.mode = monitor, mode
         self.overwrite, self.model_attr = overwrite, model_attr
         self.push_to_hub, self.private = push_to_hub, private
         self.best_score: float | None = None
@@ -341,6 +345,7 @@ class RegisterExport(L.Callback):
         training, not after it."""
         if stage != "fit":
             return
+        self.out_dir = self.out_dir or Path(trainer.log_dir or trainer.default_root_dir) / "model"
         check_free(self.out_dir, self.overwrite)
         model = getattr(pl_module, self.model_attr, None)
         if isinstance(model, nn.Module):
@@ -462,7 +467,7 @@ class StepProgressBar(RichProgressBar):
     def configure_columns(self, trainer: L.Trainer) -> list:
         if not self._counts_steps(trainer):
             return super().configure_columns(trainer)
-        width = self._console.width if self._console is not None else 80
+        width = get_console().width  # the console the bar draws on (RichProgressBar takes rich's own)
         bar = max(10, min(40, width - self.DESCRIPTION_WIDTH - self.TIME_WIDTH - self.METRICS_WIDTH - 4))
         theme = self.theme
         columns = [
@@ -503,7 +508,7 @@ class StepProgressBar(RichProgressBar):
         metrics.pop("v_num", None)
         short = {name.removeprefix("train/").replace("outlier_fraction", "outliers"): value
                  for name, value in metrics.items()}
-        narrow = self._console is not None and self._console.width < 120
+        narrow = get_console().width < 120  # the console the bar draws on (RichProgressBar takes rich's own)
         return {k: v for k, v in short.items() if k == "loss"} if narrow and "loss" in short else short
 
 

@@ -1,28 +1,27 @@
 """The model card (README.md) of an export, in timm's own layout, so the Hub shows it like any timm model.
 
-The card is built from the model and the ``"retrofit"`` record of its config.json only, so the folder's
-README.md and the one :func:`retrofit.hub.push_to_hub` uploads are the same text. timm's
-``generate_readme`` writes it: front matter (``library_name: timm``, tags, the source model's license),
-Model Details, Model Usage, Model Comparison (the before/after of ``retrofit diagnose --compare``, when
-one was measured) and Citation.
+The card is built from the model and the ``"retrofit"`` record of its config.json only; it is written into
+the export folder, which :func:`retrofit.hub.push_to_hub` uploads as it is. timm's ``generate_readme``
+writes it: front matter (``library_name: timm``, tags, the source's license when it is known), Model
+Details, Model Usage, Model Comparison (the before/after of ``retrofit diagnose --compare``, when one was
+measured) and Citation. The source is named as it was recorded (:func:`retrofit.backbones.weights_source`):
+hub weights by name and tag, local weights by file name and sha256, anything else as not recorded.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from timm.models import get_pretrained_cfg
-from timm.models._hub import generate_readme  # what push_to_hf_hub writes: one card text, local and pushed
+from timm.models._hub import generate_readme  # what push_to_hf_hub writes: the card of a timm model
 from torch import nn
 
-from .diagnose import REPORT_NAME
-from .errors import RetrofitError, first_line
-from .page import percent
+from .errors import RetrofitError
+from .report import percent, read_report
 
 CARD_NAME = "README.md"
+NO_LICENSE = "<not known>"  # taken out of the front matter again: a license is given only when it is known
 TASK = "image-feature-extraction"
 TAGS = [TASK, "timm", "vision-transformer", "registers", "retrofit"]
 PAPERS = {
@@ -46,21 +45,6 @@ CITATIONS = [
 
 
 # ---- before/after of a diagnose report ------------------------------------------------------------
-
-
-def read_report(report: Mapping[str, Any] | str | Path) -> Mapping[str, Any]:
-    """A diagnose report given as a dict, a diagnose.json file or the folder that holds one."""
-    if isinstance(report, Mapping):
-        return report
-    path = Path(report)
-    path = path / REPORT_NAME if path.is_dir() else path
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise RetrofitError(
-            f"cannot read the diagnose report {path} ({first_line(e, 80)}): pass the --out folder or the "
-            f"{REPORT_NAME} of `retrofit diagnose MODEL --compare ORIGINAL`."
-        ) from e
 
 
 def _last_layer(summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -125,16 +109,19 @@ def _comparison_text(c: Mapping[str, Any]) -> str:
 # ---- the card -------------------------------------------------------------------------------------
 
 
-def _source(backbone: str | None) -> str:
-    """The source model as the card names it: a timm name linked to its Hub page, or a local folder's name."""
-    if not backbone:
-        return "unknown"
-    name = backbone.removeprefix("hf-hub:")
-    if Path(name).exists():  # local weights: their name, never the user's path
-        return f"`{Path(name).name}` (local weights)"
-    cfg = None if "/" in name else get_pretrained_cfg(name)
-    hub_id = name if "/" in name else getattr(cfg, "hf_hub_id", None)
-    return f"[`{hub_id}`](https://huggingface.co/{hub_id})" if hub_id else f"`{name}`"
+def _source(source: Mapping[str, str], architecture: str) -> str:
+    """The source model as recorded: hub weights by name and tag (linked), a local file by name and sha256 (never
+    the user's path), a bare architecture as random weights; anything else is not recorded."""
+    name = f"`{source.get('model', architecture)}`"
+    if source.get("hub_id"):
+        return f"[{name}](https://huggingface.co/{source['hub_id']})"
+    if source.get("file"):
+        return f"{name}, weights from the local file `{source['file']}` (sha256 `{source['sha256']}`)"
+    if source.get("weights") == "random":
+        return f"{name}, randomly initialised (no pretrained weights)"
+    if source.get("url"):
+        return f"{name}, weights from {source['url']}"
+    return f"`{architecture}` (not recorded: an in-memory model)"
 
 
 def _training(info: Mapping[str, Any]) -> dict[str, str]:
@@ -148,7 +135,7 @@ def _training(info: Mapping[str, Any]) -> dict[str, str]:
         seen = f"{info.get('step', 0) * batch:,} seen ({batch} per step)" if batch else ""
         details["Images"] = ", ".join(p for p in (seen, f"{distinct:,} distinct" if distinct else "") if p)
     if info.get("img_size"):
-        details["Resolution"] = f"{info['img_size']} px"
+        details["Resolution"] = f"{info['img_size']} x {info['img_size']} px (the training size)"
     return details
 
 
@@ -173,13 +160,14 @@ config.json's `model_args`."""
 
 def model_card(model: nn.Module, info: Mapping[str, Any], repo_id: str | None = None,
                folder_name: str = "this folder") -> dict[str, Any]:
-    """timm's ``model_card`` dict for an export (what ``timm.models.push_to_hf_hub`` takes)."""
+    """timm's ``model_card`` dict for an export (what timm's ``generate_readme`` takes)."""
     num_registers = info.get("num_registers", getattr(model, "num_reg_tokens", 0))
-    size = model.patch_embed.img_size or model.pretrained_cfg["input_size"][1:]  # what it was built for
-    source = _source(info.get("backbone"))
+    height, width = model.patch_embed.img_size  # what it was built for: the training size when it was exported
+    size = f"{height} x {width}" + (" (other sizes too: dynamic_img_size)" if model.dynamic_img_size else "")
+    source = _source(info.get("source") or {}, model.pretrained_cfg["architecture"])
     card: dict[str, Any] = {
         "tags": TAGS,
-        "license": model.pretrained_cfg.get("license") or "unknown",
+        "license": (info.get("source") or {}).get("license") or NO_LICENSE,
         "description": (
             f"{source} with {num_registers} register tokens added after pre-training: the frozen original "
             "taught the same model plus registers to reproduce its patch features with the high-norm artifact "
@@ -193,7 +181,7 @@ def model_card(model: nn.Module, info: Mapping[str, Any], repo_id: str | None = 
             **_training(info),
             "Model Stats": {
                 "Params (M)": f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}",
-                "Image size": f"{size[0]} x {size[1]}",
+                "Image size": size,
             },
             "Papers": [f"{title}: {url}" for title, url in PAPERS.items()],
         },
@@ -208,7 +196,8 @@ def model_card(model: nn.Module, info: Mapping[str, Any], repo_id: str | None = 
 def card_text(model: nn.Module, info: Mapping[str, Any], name: str, repo_id: str | None = None) -> str:
     """README.md of an export named ``name`` (the folder's, or the Hub repo's last part)."""
     card = model_card(model, info, repo_id, folder_name=name)
-    return generate_readme(card, repo_id.split("/")[-1] if repo_id else name, task_name=TASK)
+    text = generate_readme(card, repo_id.split("/")[-1] if repo_id else name, task_name=TASK)
+    return text.replace(f"license: {NO_LICENSE}\n", "", 1)  # timm would write apache-2.0 for a missing license
 
 
 def write_card(model: nn.Module, folder: str | Path, info: Mapping[str, Any], name: str,

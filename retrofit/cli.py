@@ -1,63 +1,31 @@
 """`retrofit` console script: fit, diagnose, eval, export, demo and recipes over the library's own functions.
 
-``fit`` is a LightningCLI over :class:`RetrofitModule` and :class:`RetrofitDataModule` (config files or
-recipe names, dotted overrides, ``--print_config``, the resolved config saved beside the run). Every other
-command is a plain function (here and in :mod:`retrofit.commands`) that jsonargparse's ``auto_cli`` turns
-into a subcommand from its typed signature and docstring, from the nested dict ``COMMANDS``, as litgpt
-does. All parsers refuse abbreviated options and report a bad configuration as one line naming the field
-(with the nearest option for a typo), before any model is built.
+Every command is a plain function (here and in :mod:`retrofit.commands`) that jsonargparse's ``auto_cli``
+turns into a subcommand from its typed signature and docstring, from the nested dict ``COMMANDS``, as litgpt
+does; ``fit`` hands its arguments to a LightningCLI (:mod:`retrofit.fit_cli`). The commands import what they
+use when they run, so ``retrofit --help`` lists them without loading Lightning, timm or torch. All parsers
+refuse abbreviated options and report a bad configuration as one line naming the field (with the nearest
+option for a typo), before any model is built.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib.util
+import inspect
 import logging
 import re
-import shlex
 import sys
-import typing
-import warnings
 from argparse import Action
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-import lightning as L
-from jsonargparse import (
-    ActionConfigFile,
-    ArgumentParser,
-    DefaultHelpFormatter,
-    Namespace,
-    auto_cli,
-    set_parsing_settings,
-)
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from jsonargparse import ArgumentParser, DefaultHelpFormatter, auto_cli
 from rich.logging import RichHandler
-from torch import nn
 
 from . import __version__, commands
-from .callbacks import RegisterExport, StepProgressBar
 from .commands import console
-from .data import RetrofitDataModule
 from .errors import RetrofitError
-from .faults import check_resume, continue_run, explain_stops, fault_callbacks
-from .hub import check_repo
-from .module import RetrofitModule
-from .recipes import (
-    markdown_table,
-    recipe_path,
-    recipe_paths,
-    recipe_summary,
-    recipes_dir,
-    resolve_config,
-    summary_table,
-)
-from .steps import ignore_epoch_warnings, log_interval
-
-SEED_LOG = "lightning.fabric.utilities.seed"
 
 # ---- parsing ------------------------------------------------------------------------------------------
 
@@ -121,128 +89,7 @@ class CommandParser(Strict, ArgumentParser):
         return super().add_subcommands(*args, **kwargs)
 
 
-class FitParser(Strict, LightningArgumentParser):
-    pass
-
-
-class RecipeOrFile(ActionConfigFile):
-    """``--config`` takes a YAML/JSON file or the name of a shipped recipe (``retrofit recipes``)."""
-
-    def __call__(self, parser: ArgumentParser, cfg: Namespace, values: str, option_string: str | None = None):
-        super().__call__(parser, cfg, resolve_config(values), option_string)
-
-
 # ---- fit ----------------------------------------------------------------------------------------------
-
-
-class RetrofitCLI(LightningCLI):
-    """``retrofit fit``: LightningCLI with the retrofit classes, step progress, a default logger, metrics.csv and a
-    final export (optionally pushed to the Hub).
-
-    With ``instantiate=False`` it only parses and validates (recipes are checked this way, no model built).
-    """
-
-    def __init__(self, args: Sequence[str], instantiate: bool = True) -> None:
-        self._instantiate = instantiate
-        super().__init__(
-            RetrofitModule,
-            RetrofitDataModule,
-            trainer_defaults={"max_steps": 1000, "callbacks": [StepProgressBar()]},  # as retrofit() defaults
-            seed_everything_default=0,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={
-                "prog": "retrofit fit",
-                "usage": "retrofit fit [--config RECIPE|FILE] [--data.source DIR] [--print_config]\n"
-                f"{' ' * 20}[--model.KEY VALUE] [--data.KEY VALUE] [--trainer.KEY VALUE]\n"
-                f"{' ' * 20}[--ckpt_path CKPT] [--export_dir DIR] [--push_to_hub REPO]",
-                "description": "Retrofit register tokens into a timm ViT by self-distillation from its frozen "
-                "original. Start from a recipe: retrofit fit --config NAME --data.source DIR.",
-            },
-            args=list(args),
-            run=False,
-            auto_configure_optimizers=False,  # RetrofitModule sets its own per-group AdamW and schedule
-        )
-
-    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        kwargs.setdefault("dump_header", [f"retrofit=={__version__}", f"lightning.pytorch=={L.__version__}"])
-        parser = FitParser(**kwargs)
-        parser.add_argument("-c", "--config", action=RecipeOrFile,
-                            help="A recipe name (see `retrofit recipes`) or a YAML/JSON config file.")
-        return parser
-
-    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """As LightningCLI's, with retrofit's own settings (model, data) before the Trainer's in --help."""
-        parser.add_lightning_class_args(RetrofitModule, "model")
-        parser.add_lightning_class_args(RetrofitDataModule, "data")
-        parser.add_lightning_class_args(self.trainer_class, "trainer")
-        parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items() if k != "callbacks"})
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--ckpt_path", type=str | None, default=None,
-                            help="Resume training from this Lightning checkpoint (written by an earlier fit).")
-        parser.add_argument("--export_dir", type=str | None, default=None,
-                            help="Where the timm-native model is written at the end (default: <log_dir>/model).")
-        parser.add_argument("--push_to_hub", type=str | None, default=None,
-                            help="Also upload the final model to this Hugging Face Hub repo (USER/NAME).")
-
-    def parse_arguments(self, parser: LightningArgumentParser, args: Sequence[str]) -> None:
-        self.config = parser.parse_args(args)  # `args` is the command line here: no "both given" warning
-
-    def instantiate_classes(self) -> None:
-        if self._instantiate:
-            if self.config.push_to_hub is not None:
-                check_repo(self.config.push_to_hub)  # a bad repo id or no token: before any model is built
-            check_resume(self.config.ckpt_path)
-            super().instantiate_classes()
-            add_metrics_csv(self.trainer)
-
-    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """Unless a logger is configured: TensorBoard when it is installed, else CSV (no warning either way); unless
-        an interval is, logs often enough for the run's length (:func:`retrofit.steps.log_interval`).
-
-        The data source is opened first: a missing folder or dataset is one line before the Trainer reports
-        its devices.
-        """
-        self.datamodule.setup("fit")
-        trainer = self._get(self.config_init, "trainer", default={})
-        if trainer.get("logger") in (None, True):
-            root = trainer.get("default_root_dir") or Path.cwd()
-            kwargs["logger"] = TensorBoardLogger(root) if _tensorboard_available() else CSVLogger(root)
-        if trainer.get("log_every_n_steps") is None:
-            kwargs["log_every_n_steps"] = log_interval(trainer.get("max_steps", -1))
-        ignore_epoch_warnings()
-        return super().instantiate_trainer(**kwargs)
-
-
-def _tensorboard_available() -> bool:
-    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
-
-
-def add_metrics_csv(trainer: L.Trainer) -> None:
-    """Log to ``metrics.csv`` in the run folder as well, whatever other logger the run has (none: nothing)."""
-    loggers = trainer.loggers
-    if loggers and not any(isinstance(logger, CSVLogger) for logger in loggers):
-        first = loggers[0]
-        trainer.loggers = [*loggers, CSVLogger(first.save_dir, name=first.name, version=first.version)]
-        # It shares the first logger's version folder on purpose, so its "folder is not empty" warning says nothing.
-        warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-
-
-@contextmanager
-def _quiet(name: str) -> Iterator[None]:
-    """The logger ``name`` says nothing inside the block."""
-    log = logging.getLogger(name)
-    log.disabled, disabled = True, log.disabled
-    try:
-        yield
-    finally:
-        log.disabled = disabled
-
-
-def fit_config(args: Sequence[str]) -> Namespace:
-    """The resolved ``retrofit fit`` configuration for ``args``, validated without building anything."""
-    with _quiet(SEED_LOG):
-        return RetrofitCLI(args, instantiate=False).config
 
 
 def fit(args: Sequence[str]) -> Path:
@@ -250,27 +97,18 @@ def fit(args: Sequence[str]) -> Path:
 
     Trains as configured, then exports; returns the export directory (also printed).
     """
-    with _quiet(SEED_LOG):  # "Seed set to 0": config.yaml keeps the seed, and the line came before any error
-        cli = RetrofitCLI(args)
-    trainer = cli.trainer
-    continue_run(trainer, cli.config.ckpt_path)
-    log_dir = Path(trainer.log_dir or trainer.default_root_dir)
-    out = Path(cli.config.export_dir or log_dir / "model")
-    export = RegisterExport(out, push_to_hub=cli.config.push_to_hub)
-    resume = f"retrofit fit --config {shlex.quote(str(log_dir / 'config.yaml'))} --ckpt_path {{ckpt}}"
-    trainer.callbacks = [*fault_callbacks(resume), *trainer.callbacks, export]
-    with explain_stops(trainer):
-        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
-    console.print(f"retrofitted model: [bold]{out}[/] (config and checkpoints in {trainer.log_dir})", soft_wrap=True)
-    if export.pushed_url:
-        console.print(f"pushed: {export.pushed_url}", soft_wrap=True)
-    return out
+    from .fit_cli import fit as run_fit
+
+    return run_fit(args)
 
 
 # ---- recipes ------------------------------------------------------------------------------------------
 
 
 def _summary(path: Path) -> dict[str, str]:
+    from .fit_cli import fit_config
+    from .recipes import recipe_summary
+
     return recipe_summary(path, fit_config(["--config", str(path), "--data.source", "."]))  # validated by fit's parser
 
 
@@ -280,6 +118,8 @@ def recipes_command(markdown: bool = False) -> list[dict[str, str]]:
     Args:
         markdown: print a Markdown table instead (the one in recipes/README.md).
     """
+    from .recipes import markdown_table, recipe_paths, recipes_dir, summary_table
+
     rows = [_summary(p) for p in recipe_paths()]
     if markdown:
         print(markdown_table(rows))
@@ -297,6 +137,8 @@ def recipe_command(name: str) -> dict[str, str]:
     Args:
         name: the recipe's name, as `retrofit recipes` lists it.
     """
+    from .recipes import recipe_path, summary_table
+
     path = recipe_path(name)
     row = _summary(path)
     console.print(f"# {path}", style="dim", soft_wrap=True)
@@ -306,7 +148,7 @@ def recipe_command(name: str) -> dict[str, str]:
 
 
 COMMANDS: dict[str, Any] = {
-    "fit": fit,  # listed in `retrofit --help`; main() hands fit's arguments to RetrofitCLI
+    "fit": fit,  # listed in `retrofit --help`; main() hands fit's arguments to the LightningCLI
     "diagnose": commands.diagnose_command,
     "neurons": commands.neurons_command,
     "eval": {"_help": "Downstream evaluation of dense features: eval lost | eval probe.",
@@ -319,6 +161,7 @@ COMMANDS: dict[str, Any] = {
 
 
 NUMBERS = re.compile(r"-?\d+(\.\d*)?(,-?\d+(\.\d*)?)*")  # "4", "-1", "4,11"
+NUMBER_LIST = re.compile(r"list\[(int|float)\]( \| None)?")  # an annotation, as text (postponed evaluation)
 
 
 def _number_lists(commands: dict[str, Any]) -> set[str]:
@@ -328,10 +171,8 @@ def _number_lists(commands: dict[str, Any]) -> set[str]:
         if isinstance(command, dict):
             options |= _number_lists(command)
         elif callable(command):
-            for name, hint in typing.get_type_hints(command).items():
-                lists = [t for t in (hint, *typing.get_args(hint)) if typing.get_origin(t) is list]
-                if lists and set(typing.get_args(lists[0])) <= {int, float}:
-                    options.add(f"--{name}")
+            options |= {f"--{name}" for name, parameter in inspect.signature(command).parameters.items()
+                        if NUMBER_LIST.fullmatch(str(parameter.annotation))}
     return options
 
 
@@ -370,8 +211,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     a run stopped by SIGTERM or Ctrl-C)."""
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
     _show_timm_messages()
-    # Field docstrings (TargetSettings) reach --help; a backbone is a name or a path, never an nn.Module class path.
-    set_parsing_settings(docstring_parse_attribute_docstrings=True, subclasses_disabled=[nn.Module])
     try:
         if args[0] == "fit":
             fit(args[1:])

@@ -2,12 +2,12 @@
 
 Each takes what a command line gives (model specs, folders, numbers), calls the library, prints a
 table or a line with rich and returns the result. jsonargparse builds each command's options from the
-signature and the docstring (:mod:`retrofit.cli`), so both are the command's documentation.
+signature and the docstring (:mod:`retrofit.cli`), so both are the command's documentation. Each imports
+the library when it runs, so that listing the commands (and exporting a model) loads only what it needs.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -15,22 +15,8 @@ from typing import Any, Literal
 
 from rich.console import Console
 from rich.table import Table
-from torch import nn
 
-from . import hub
-from .backbones import load_backbone
-from .callbacks import RegisterExport
-from .demo import run_demo
-from .diagnose import REPORT_NAME, diagnose, render_repair, render_table
-from .evaluate import box_dataset, evaluate_lost, evaluate_probe, mask_dataset
-from .export import check_free
-from .features import square_size
 from .files import write_json
-from .images import ImageLog, list_images, load_readable
-from .module import RetrofitModule
-from .neurons import RegisterNeurons, find_register_neurons, test_time_registers
-from .page import PAGE_NAME
-from .surgery import count_registers
 
 console = Console()
 
@@ -39,8 +25,14 @@ def _label(spec: str) -> str:
     return Path(spec).name or spec
 
 
-def _with_registers(model: nn.Module, ttr: str | None) -> AbstractContextManager[nn.Module]:
-    """``model`` with test-time registers from a ``retrofit neurons`` file, or as it is."""
+def _with_registers(model: Any, ttr: str | None) -> AbstractContextManager[Any]:
+    """``model`` (a timm ViT) with test-time registers from a ``retrofit neurons`` file, or as it is.
+
+    Types here and in the command signatures name no torch class: jsonargparse resolves them to list the
+    commands, and torch would make ``retrofit --help`` slow.
+    """
+    from .neurons import RegisterNeurons, test_time_registers
+
     return nullcontext(model) if ttr is None else test_time_registers(model, RegisterNeurons.load(ttr))
 
 
@@ -82,6 +74,15 @@ def diagnose_command(
         reference: an artifact-free model to score against (cosine at the artifacts, next to them, elsewhere).
         reference_checkpoint: local weights file for a timm name in --reference.
     """
+    import copy
+
+    from .backbones import load_backbone
+    from .diagnose import diagnose, render_repair, render_table
+    from .features import square_size
+    from .images import ImageLog, list_images, load_readable
+    from .page import PAGE_NAME
+    from .report import REPORT_NAME
+
     first = load_backbone(model, checkpoint)
     second = None if compare is None else load_backbone(compare, compare_checkpoint)
     truth = None if reference is None else load_backbone(reference, reference_checkpoint)
@@ -120,7 +121,7 @@ def neurons_command(
     min_lift: float = 10.0,
     k: float = 3.0,
     batch_size: int = 8,
-) -> RegisterNeurons:
+) -> Any:
     """Find the MLP units that make a model's artifacts (register neurons), for training-free test-time registers.
 
     Args:
@@ -136,6 +137,11 @@ def neurons_command(
         k: outlier factor: norm above k x the image median.
         batch_size: images per forward.
     """
+    from .backbones import load_backbone
+    from .features import square_size
+    from .images import ImageLog, list_images, load_readable
+    from .neurons import find_register_neurons
+
     backbone = load_backbone(model, checkpoint)
     unusable = ImageLog()
     batch, _ = load_readable(list_images(images), square_size(backbone, img_size), backbone, max_images,
@@ -156,8 +162,8 @@ def neurons_command(
     return found
 
 
-def _print_unusable(log: ImageLog) -> None:
-    """The one-line account of skipped (and converted) images, as fit reports them."""
+def _print_unusable(log: Any) -> None:
+    """The one-line account of skipped (and converted) images of an ``ImageLog``, as fit reports them."""
     if (line := log.summary()) is not None:
         console.print(line, highlight=False, soft_wrap=True)
 
@@ -202,6 +208,9 @@ def eval_lost_command(
         out: write the full result (per-image boxes) to this JSON file.
         ttr: register-neuron file from `retrofit neurons`: evaluate MODEL with test-time registers.
     """
+    from .backbones import load_backbone
+    from .evaluate import box_dataset, evaluate_lost
+
     backbone = load_backbone(model, checkpoint)
     data = box_dataset(dataset, boxes, box_format, split)
     with _with_registers(backbone, ttr):
@@ -241,6 +250,9 @@ def eval_probe_command(
         out: write the full result (per-class IoU) to this JSON file.
         ttr: register-neuron file from `retrofit neurons`: evaluate MODEL with test-time registers.
     """
+    from .backbones import load_backbone
+    from .evaluate import evaluate_probe, mask_dataset
+
     backbone = load_backbone(model, checkpoint)
     train_set, val_set = mask_dataset(train), mask_dataset(val)
     with _with_registers(backbone, ttr):
@@ -276,6 +288,12 @@ def export_command(
             timm.create_model('hf-hub:USER/NAME', pretrained=True) then loads it. Needs `hf auth login`.
         private: create the Hub repo as private.
     """
+    from . import hub
+    from ._export import check_free
+    from .callbacks import RegisterExport
+    from .module import RetrofitModule
+    from .surgery import count_registers
+
     if push_to_hub is not None:
         hub.check_repo(push_to_hub)
     check_free(out, overwrite)  # before the checkpoint and its backbone are loaded
@@ -302,4 +320,6 @@ def demo_command(out: str = "demo_out", steps: int = 100, num_images: int = 48, 
         num_images: synthetic training images to make.
         overwrite: replace the results of an earlier demo in OUT.
     """
+    from .demo import run_demo
+
     return run_demo(out, steps=steps, num_images=num_images, overwrite=overwrite, console=console)

@@ -40,7 +40,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .errors import RetrofitError, check_settings
+from .faults import batches_done
 from .features import patch_size as model_patch_size
+from .features import square_size
 from .hf import IMAGEFOLDER_PREFIX, is_saved_dataset, open_split
 from .images import (
     ImageLog,
@@ -330,7 +332,8 @@ class RetrofitDataModule(L.LightningDataModule):
             ``Dataset.save_to_disk``, ``imagefolder:DIR`` (HF's imagefolder loader), or ``hf:NAME``
             for a Hugging Face hub dataset. HF keys are ``"<name>:<split>:<index>"`` unless
             ``key_column`` is set.
-        img_size: training resolution S of the student's square window; must divide by the patch size.
+        img_size: training resolution S of the student's square window; must divide by the patch size. None: the
+            backbone's own size, set when training starts.
         batch_size: images per batch (per device).
         num_workers: DataLoader worker processes; 0 reads in the main process.
         split: dataset split for HF sources (ignored for folders).
@@ -358,7 +361,7 @@ class RetrofitDataModule(L.LightningDataModule):
     def __init__(
         self,
         source: str,
-        img_size: int = 224,
+        img_size: int | None = None,
         batch_size: int = 8,
         num_workers: int = 2,
         split: str = "train",
@@ -394,14 +397,15 @@ class RetrofitDataModule(L.LightningDataModule):
 
     @classmethod
     def from_tensor(cls, images: torch.Tensor, **kwargs: Any) -> RetrofitDataModule:
-        """Images already in memory, (N, 3, H, W) and normalised for the backbone; keys are ``tensor:<i>``."""
+        """Images already in memory, (N, 3, H, W) and normalised for the backbone; keys are ``tensor:<i>``. They are
+        read in the main process unless ``num_workers`` says otherwise."""
         if not (isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] == 3
                 and images.is_floating_point()):
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise RetrofitError(f"images must be a float (N, 3, H, W) tensor, got {shape}: normalise and stack them.")
         if len(images) == 0:
             raise RetrofitError("the image tensor is empty: pass at least one image.")
-        dm = cls(source=_TENSOR_SOURCE, **kwargs)
+        dm = cls(source=_TENSOR_SOURCE, **{"num_workers": 0, **kwargs})  # in memory: nothing to read in workers
         dm._tensor = images.detach().cpu()
         return dm
 
@@ -410,7 +414,7 @@ class RetrofitDataModule(L.LightningDataModule):
     def _check_settings(self) -> None:
         mean, std = (None if v is None else list(v) for v in (self.mean, self.std))
         check_settings((
-            (self.img_size >= 1, f"img_size must be a positive integer, got {self.img_size}"),
+            (self.img_size is None or self.img_size >= 1, f"img_size must be a positive integer, got {self.img_size}"),
             (self.batch_size >= 1, f"batch_size must be a positive integer, got {self.batch_size}"),
             (self.num_workers >= 0 and self.margin >= 0, "num_workers and margin must be >= 0"),
             (self.max_images is None or self.max_images >= 1, f"max_images must be >= 1, got {self.max_images}"),
@@ -421,7 +425,7 @@ class RetrofitDataModule(L.LightningDataModule):
         ), "RetrofitDataModule")
         if self.interpolation is not None:
             interpolation_mode(self.interpolation)
-        if self.patch_size is not None:
+        if self.patch_size is not None and self.img_size is not None:
             self._check_img_size(self.patch_size)
 
     def _check_img_size(self, patch: int) -> None:
@@ -443,11 +447,13 @@ class RetrofitDataModule(L.LightningDataModule):
             )
 
     def configure_for(self, model: nn.Module, margin_patches: int | None = None) -> None:
-        """Take patch size, mean, std and interpolation from ``model`` (unless set explicitly) and the margin.
+        """Take image size, patch size, mean, std and interpolation from ``model`` (unless set explicitly) and the
+        margin.
 
         The training module calls this in its ``setup``, before any dataloader is built.
         """
         cfg = data_config(model)
+        self.img_size = self.hparams.img_size or square_size(model)
         patch_h, patch_w = model_patch_size(model)
         if patch_h != patch_w:
             raise RetrofitError(f"patch size {patch_h}x{patch_w} is not square: retrofit trains square crops only.")
@@ -461,8 +467,9 @@ class RetrofitDataModule(L.LightningDataModule):
 
     def transform(self) -> CropTransform:
         """The crop-and-normalise step for the current settings (built late: configure_for may change them)."""
-        if self.patch_size is None:
-            raise RetrofitError("patch size unknown: call configure_for(model) first or pass patch_size.")
+        if self.patch_size is None or self.img_size is None:
+            unknown = "patch size" if self.patch_size is None else "image size"
+            raise RetrofitError(f"{unknown} unknown: call configure_for(model) first or pass patch_size and img_size.")
         self._check_img_size(self.patch_size)
         margin = self.margin * self.patch_size
         crop = self.img_size + 2 * margin
@@ -569,7 +576,7 @@ class RetrofitDataModule(L.LightningDataModule):
 
     def _trainer_position(self) -> int:
         """Batches of the current epoch the training loop has stepped through (0 outside a Trainer)."""
-        return 0 if self.trainer is None else self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return 0 if self.trainer is None else batches_done(self.trainer)
 
     @property
     def num_skipped(self) -> int:

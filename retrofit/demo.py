@@ -22,7 +22,6 @@ from rich.table import Table
 from torch import nn
 
 from .api import retrofit
-from .callbacks import StepProgressBar
 from .diagnose import diagnose
 from .errors import RetrofitError
 from .features import inference, patch_features
@@ -99,9 +98,8 @@ def run_demo(
     train = _images(num_images, SIZE + 2 * PATCH, seed + 1, planted)  # a 1-patch margin for shifted views
     held = {size: _images(held_out, size, seed + 2, planted) for size in (SIZE, SIZE * 3 // 2)}  # trained, untrained
     model = retrofit(
-        planted, train, out_dir=out / "model", max_steps=steps, accelerator="cpu", precision="32-true",
-        cache_dir=str(out / "target_cache"), callbacks=[StepProgressBar()], enable_model_summary=False,
-        **TRAINING,
+        planted, train, out_dir=out / "model", max_steps=steps, accelerator="cpu",
+        cache_dir=str(out / "target_cache"), enable_model_summary=False, **TRAINING,
     )
     shutil.rmtree(out / "target_cache", ignore_errors=True)
     scores = {}

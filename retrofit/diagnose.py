@@ -32,12 +32,11 @@ from .metrics import (
     repair_scores,
     token_norms,
 )
-from .page import percent, write_page
+from .page import write_page
 from .plots import plot_heads, plot_maps, save_figure
 from .progress import track
+from .report import REPORT_NAME, percent
 from .surgery import count_registers, has_class_token
-
-REPORT_NAME = "diagnose.json"
 
 
 def _check_inputs(images: Tensor, names: Sequence[str] | None, labels: Sequence[str], compare: nn.Module | None):

@@ -252,7 +252,12 @@ class CacheReport(L.Callback):
 
 class ContinuedCSVWriter(ExperimentWriter):
     """Lightning's CSV writer for a resumed run: it appends to the folder's ``metrics.csv`` and keeps its columns,
-    where Lightning's deletes the file of a non-empty run folder."""
+    where Lightning's deletes the file of a non-empty run folder.
+
+    It overrides ``ExperimentWriter._check_log_dir_exists`` (private, Lightning 2.6.6: called by the constructor to
+    warn about and delete an existing metrics.csv); test_faults.py::test_a_resumed_run_continues_its_logs_in_place
+    checks it.
+    """
 
     def _check_log_dir_exists(self) -> None:
         if self._fs.isfile(self.metrics_file_path):
@@ -289,6 +294,18 @@ def check_resume(ckpt_path: str | Path | None) -> bool:
     return True
 
 
+def batches_done(trainer: L.Trainer) -> int:
+    """Batches of the current epoch the training loop has stepped through: where a resumed epoch starts again.
+
+    No public hook gives this count when the resumable training loader needs it (a callback's
+    ``batch_idx`` comes with the next batch), so it is read from Lightning's loop progress,
+    ``trainer.fit_loop.epoch_loop.batch_progress.current.processed`` (Lightning 2.6.6). The attribute is checked by
+    tests/test_faults.py::test_batches_done_counts_the_batches_of_the_epoch; the exact resume it serves by
+    ::test_signal_stops_with_one_line_a_checkpoint_and_an_exact_resume.
+    """
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+
 def continue_run(trainer: L.Trainer, ckpt_path: str | Path | None) -> None:
     """Resume in the run folder of the checkpoint: ``<root>/<version>/checkpoints/*.ckpt`` keeps ``<version>``.
 
@@ -306,9 +323,12 @@ def continue_run(trainer: L.Trainer, ckpt_path: str | Path | None) -> None:
     run = checkpoints.parent
     for logger in trainer.loggers:
         if isinstance(logger, (TensorBoardLogger, CSVLogger)) and Path(logger.root_dir).resolve() == run.parent:
-            logger._version = run.name  # what the constructor's version= sets; no public setter
+            # Lightning 2.6.6 private attributes (no public setter; the loggers exist before the checkpoint is known):
+            # `_version` is what the constructor's version= sets, `_experiment` what the CSV `experiment` property
+            # creates on first use. Checked by test_faults.py::test_a_resumed_run_continues_its_logs_in_place.
+            logger._version = run.name
             if isinstance(logger, CSVLogger):
-                logger._experiment = ContinuedCSVWriter(logger.log_dir)  # what its experiment property would create
+                logger._experiment = ContinuedCSVWriter(logger.log_dir)
             # ModelCheckpoint warns about a non-empty folder, which is the point here; it names the folder as the
             # logger's root was given (relative, say), so the filter matches its last three parts
             tail = re.escape(str(Path(run.parent.name, run.name, checkpoints.name)))

@@ -1,22 +1,21 @@
-"""Share an export on the Hugging Face Hub through timm's own ``push_to_hf_hub``.
+"""Share an export on the Hugging Face Hub: ``create_repo`` and ``upload_folder`` of the folder as written.
 
-What is pushed is the export folder as written (weights, config.json with the registers in
-``model_args``, the model card), so ``timm.create_model("hf-hub:USER/NAME", pretrained=True)`` builds
-exactly the local model. A push that fails leaves the local export as it was.
+What is uploaded is exactly what :func:`retrofit.export` wrote and a user may have checked (weights,
+config.json with the registers in ``model_args``, the model card), so ``timm.create_model("hf-hub:USER/NAME",
+pretrained=True)`` builds the local model. Nothing is loaded or written again; a push that fails leaves the
+local export as it was.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from huggingface_hub import get_token
+from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HFValidationError, LocalTokenNotFoundError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
-from timm.models import push_to_hf_hub
 
-from .card import TASK, model_card
+from ._export import is_export_dir
 from .errors import RetrofitError, first_line
-from .export import export_config, load
 
 LOGIN_HINT = "run `hf auth login` or set HF_TOKEN to a token with write access"
 
@@ -55,23 +54,17 @@ def push_to_hub(
 ) -> str:
     """Upload an export folder to the Hub repo ``repo_id`` (created if needed); returns the commit URL.
 
-    The upload goes through ``timm.models.push_to_hf_hub`` with the folder's ``model_args`` and
-    pretrained config and its model card; as timm does, a repo that already has a README.md keeps it.
+    Every file of the folder is uploaded as it is, the model card included: export with ``repo_id`` for a
+    card whose loading code names the Hub repo.
     """
     export_dir = Path(export_dir)
     check_repo(repo_id, token)
-    config = export_config(export_dir)
-    info = config.get("retrofit", {})
-    model = load(export_dir)
+    if not is_export_dir(export_dir):
+        raise RetrofitError(f"{export_dir} is not an export folder (no config.json): export the model first.")
+    api = HfApi(token=token)
     try:
-        commit = push_to_hf_hub(
-            model, repo_id, commit_message=commit_message, token=token, private=private,
-            model_config={"retrofit": info, "pretrained_cfg": config.get("pretrained_cfg", {})},
-            model_args=config.get("model_args"),
-            model_card=model_card(model, info, repo_id),
-            task_name=TASK,
-            safe_serialization=True,
-        )
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo.repo_id, folder_path=export_dir, commit_message=commit_message)
     except Exception as e:  # network, HTTP and auth failures all end the same way: nothing pushed
         raise RetrofitError(
             f"could not push {export_dir} to {repo_id} ({type(e).__name__}: {first_line(e, 100)}): {_fix(e)}; "

@@ -28,11 +28,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
-from .backbones import load_backbone
+from ._export import export
+from .backbones import load_backbone, weights_source
 from .cache import TargetCache
 from .errors import RetrofitError, first_line
-from .export import export
-from .features import block_indices, patch_features, patch_size
+from .features import block_indices, patch_features, patch_size, square_size
 from .metrics import artifact_onset, layer_outlier_fractions, outlier_mask
 from .neurons import RegisterNeurons, find_register_neurons
 from .surgery import RegisterInit, add_registers, check_supported, timm_model
@@ -216,6 +216,7 @@ class RetrofitModule(L.LightningModule):
         self.hparams["targets"] = asdict(settings)  # plain values: checkpoints load with weights_only=True
         self._check_settings()
         self.teacher = self._load_teacher(backbone, checkpoint, model_kwargs or {})
+        self.source = weights_source(self.teacher)  # for the model card; kept in checkpoints
         self.onset: int | None = onset_block
         self.neurons: RegisterNeurons | None = None
         self.student = self._build_student()
@@ -305,7 +306,7 @@ class RetrofitModule(L.LightningModule):
                     "cache_dir stores one target per image, but the data crops at random: "
                     "set data.random_crop false (or drop cache_dir)."
                 )
-            grid = dm.img_size // patch_size(self.teacher)[0]
+            grid = square_size(self.teacher, dm.img_size) // patch_size(self.teacher)[0]
             dm.configure_for(self.teacher, self.targets.margin_patches(grid))
             self.margin = dm.margin
         if stage == "fit":
@@ -440,9 +441,11 @@ class RetrofitModule(L.LightningModule):
         checkpoint["target_rng_state"] = self.targets.get_rng_state()
         checkpoint["onset_block"] = self.onset
         checkpoint["register_neurons"] = None if self.neurons is None else self.neurons.to_dict()
+        checkpoint["source"] = self.source
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        self.source = checkpoint.get("source", {})  # the run's weights, not those of an architecture rebuilt to load it
         if "register_neurons" in checkpoint:  # what the run found, not what this run's first batch would show
             found = checkpoint["register_neurons"]
             self.neurons = None if found is None else RegisterNeurons.from_dict(found)
@@ -465,11 +468,13 @@ class RetrofitModule(L.LightningModule):
     ) -> Path:
         """Write ``model`` (default: :meth:`export_model`) with :func:`retrofit.export` (atomic, timm-native).
 
-        config.json records the backbone, the freeze preset and the trainer's step; ``metadata`` overrides
-        or adds to them (e.g. the step of a checkpoint exported outside a Trainer).
+        config.json records the backbone, where its weights came from, the freeze preset and the trainer's step;
+        ``metadata`` overrides or adds to them (e.g. the step of a checkpoint exported outside a Trainer, and
+        ``img_size``, the training resolution the export is built for).
         """
         backbone = self.hparams.get("backbone") or self.teacher.pretrained_cfg["architecture"]
-        info = {"backbone": str(backbone), "freeze": self.hparams.freeze, "step": int(self.global_step), **metadata}
+        info = {"backbone": str(backbone), "source": self.source, "freeze": self.hparams.freeze,
+                "step": int(self.global_step), **metadata}
         return export(model or self.export_model(), out_dir, overwrite=overwrite, **info)
 
     # ---- rebuilding -------------------------------------------------------------------------------

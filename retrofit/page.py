@@ -18,6 +18,7 @@ from typing import Any
 
 from .files import write_atomic
 from .metrics import REPAIR_KEYS
+from .report import percent
 
 PAGE_NAME = "index.html"
 
@@ -42,11 +43,6 @@ _LAYER_COLUMNS = (("median", "median"), ("p99", "p99"), ("max", "max"), ("high",
 
 def _e(value: Any) -> str:
     return html.escape(str(value))
-
-
-def percent(fraction: float) -> str:
-    """How reports show a fraction of tokens (the terminal table, the page, the model card)."""
-    return f"{100 * fraction:.2f}%"
 
 
 def _cell(text: str, css: str = "") -> str:

@@ -164,6 +164,28 @@ def add_registers(
     return new.to(device=ref.device, dtype=ref.dtype).train(model.training)
 
 
+def at_input_size(model: nn.Module, img_size: int) -> nn.Module:
+    """``model`` built for ``img_size`` px square inputs - the size it was trained at - and able to run at any other.
+
+    timm's ``set_input_size`` resamples the position embedding to the new grid exactly as the dynamic-size
+    forward does during training, so the outputs at ``img_size`` are unchanged; the rebuild adds
+    ``dynamic_img_size=True`` (VisionTransformer and Eva both take it). timm records both in the model's
+    arguments, so config.json makes plain ``timm.create_model`` build the same. A model already built that way
+    is returned as it is; otherwise the result is a new model and ``model`` is not changed.
+    """
+    check_supported(model)
+    size = (img_size, img_size)
+    if model.dynamic_img_size and tuple(model.patch_embed.img_size) == size:
+        return model
+    kwargs = {**get_model_args(model), "dynamic_img_size": True}
+    arch = model.pretrained_cfg["architecture"]
+    new = timm.create_model(arch, pretrained=False, pretrained_cfg=copy.deepcopy(model.pretrained_cfg), **kwargs)
+    new.load_state_dict(model.state_dict())
+    new.set_input_size(img_size=size)
+    ref = next(model.parameters())
+    return new.to(device=ref.device, dtype=ref.dtype).train(model.training)
+
+
 def register_key_mask(model: nn.Module, num_tokens: int, masked: slice) -> torch.Tensor:
     """Boolean attention mask (True = may attend) that hides the tokens in ``masked`` from every query.
 

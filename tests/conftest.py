@@ -19,7 +19,7 @@ def one_thread():
 
 
 class FakeHub:
-    """The Hugging Face Hub at the network boundary: HfApi's create_repo / file_exists / upload_folder.
+    """The Hugging Face Hub at the network boundary: HfApi's create_repo / upload_folder.
 
     Records each repo created and each upload (file name -> bytes); ``fail`` makes create_repo raise it.
     """
@@ -37,15 +37,12 @@ class FakeHub:
         self.created.append(repo_id)
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    def file_exists(self, repo_id, filename, **kwargs):
-        return False
-
     def upload_folder(self, *, repo_id, folder_path, **kwargs):
         from pathlib import Path
         from types import SimpleNamespace
 
         files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
-        self.uploads.append({"repo_id": repo_id, "files": files, **kwargs})
+        self.uploads.append({"repo_id": repo_id, "folder_path": Path(folder_path), "files": files, **kwargs})
         return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0123abc")
 
 
@@ -54,7 +51,7 @@ def fake_hub(monkeypatch):
     from huggingface_hub import HfApi
 
     hub = FakeHub()
-    for name in ("create_repo", "file_exists", "upload_folder"):
+    for name in ("create_repo", "upload_folder"):
         monkeypatch.setattr(HfApi, name, getattr(hub, name))  # bound to the fake: every HfApi calls it
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     return hub

@@ -77,7 +77,7 @@ def test_settings_are_routed_or_rejected():
         retrofit(teacher, [images])
 
 
-def test_push_without_out_dir_uploads_a_scratch_export(fake_hub, monkeypatch):
+def test_push_without_out_dir_uploads_a_scratch_export_whose_card_records_no_source(fake_hub, monkeypatch):
     teacher = timm.create_model("test_vit", pretrained=False, img_size=32, patch_size=8).eval()
     model = retrofit(teacher, synthetic_images(4, 32, **NORM), push_to_hub="user/reg2", num_registers=2,
                      max_steps=1, batch_size=2, **QUIET)
@@ -85,7 +85,12 @@ def test_push_without_out_dir_uploads_a_scratch_export(fake_hub, monkeypatch):
     config = json.loads(upload["files"]["config.json"])
     assert config["model_args"]["reg_tokens"] == 2 and config["retrofit"]["step"] == 1
     assert config["retrofit"]["train_images"] == 4 and config["retrofit"]["img_size"] == 32
-    assert b"# Model card for reg2" in upload["files"]["README.md"]
+    card = upload["files"]["README.md"].decode()
+    assert "# Model card for reg2" in card
+    # an in-memory pretrained=False module: its source is not recorded, and timm's default license is not its own
+    assert "**Source model:** `test_vit` (not recorded: an in-memory model)" in card
+    assert "license:" not in card.split("---\n")[1] and "license" not in config["pretrained_cfg"]
+    assert config["retrofit"]["source"] == {}
     weights = load_safetensors(upload["files"]["model.safetensors"])
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
 

@@ -1,5 +1,6 @@
 """load_backbone: names, local checkpoints in foreign layouts, export dirs, and one-line errors."""
 
+import hashlib
 import pickle
 
 import huggingface_hub
@@ -8,7 +9,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from retrofit import RetrofitError, load_backbone
+from retrofit import RetrofitError, add_registers, export, load_backbone
+from retrofit.backbones import weights_source
 
 from .helpers import perturb_
 
@@ -107,3 +109,25 @@ def test_bad_input_is_one_line_error(tmp_path, monkeypatch, what, call, pattern)
         call(tmp_path)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "retrofit-pwned").exists()
+
+
+def test_the_source_of_the_weights_is_recorded_as_it_was(tmp_path, monkeypatch):
+    """Hub weights by name, tag and license; a bare architecture as random; an export by file and hash, keeping the
+    license its own card knew; a model load_backbone did not build: nothing."""
+    create_model = timm.create_model
+
+    def offline_hub(name, pretrained=False, **kwargs):  # the architecture as if its hub weights had been fetched
+        return create_model(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline_hub)
+    hub = load_backbone("test_vit")  # no tag: timm's default one is what was fetched
+    assert weights_source(hub) == {"model": "test_vit.r160_in1k", "hub_id": "timm/test_vit.r160_in1k",
+                                   "license": "apache-2.0"}
+    monkeypatch.setattr(timm, "create_model", create_model)
+    assert weights_source(load_backbone("test_vit", pretrained=False)) == {"model": "test_vit", "weights": "random"}
+    assert weights_source(timm.create_model("test_vit")) == {}  # in memory: not recorded
+
+    exported = export(add_registers(hub, 2), tmp_path / "reg2", source=weights_source(hub))
+    again = weights_source(load_backbone(exported))
+    assert again == {"model": "test_vit", "file": "reg2/model.safetensors", "license": "apache-2.0",
+                     "sha256": hashlib.sha256((exported / "model.safetensors").read_bytes()).hexdigest()}

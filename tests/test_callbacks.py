@@ -12,8 +12,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from torch.utils.data import DataLoader
 
 from retrofit import RetrofitError, add_registers, load, patch_features
+from retrofit._export import export_config
 from retrofit.callbacks import ArtifactMonitor, NormMapLogger, RegisterExport, StepProgressBar
-from retrofit.export import export_config
 from retrofit.metrics import FeatureFidelity, outlier_mask
 
 from .helpers import planted_vit

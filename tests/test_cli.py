@@ -5,6 +5,8 @@ import io
 import json
 import logging
 import re
+import subprocess
+import sys
 import time
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -19,7 +21,8 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator  # the dev extra installs it
 
 from retrofit import load, patch_features
-from retrofit.cli import console, fit_config, join_number_lists, main
+from retrofit.cli import console, join_number_lists, main
+from retrofit.fit_cli import fit_config
 from retrofit.steps import log_interval
 from retrofit.surgery import count_registers
 
@@ -99,6 +102,8 @@ def test_export_of_checkpoint_equals_fit_export(fitted: tuple[Path, str], worksp
     assert "2 registers in total, step 2" in capsys.readouterr().out
     info = json.loads((out / "config.json").read_text())["retrofit"]
     assert info["step"] == 2 and info["num_registers"] == 2 and info["backbone"] == str(workspace["model"])
+    fits = json.loads((fitted[0] / "model" / "config.json").read_text())["retrofit"]
+    assert info["source"] == fits["source"] and info["source"]["file"] == "original/model.safetensors"  # kept
     images = torch.randn(2, 3, SIZE, SIZE)
     ours, fits = load(out), load(fitted[0] / "model")
     torch.testing.assert_close(patch_features(ours, images), patch_features(fits, images), rtol=0, atol=0)
@@ -107,6 +112,20 @@ def test_export_of_checkpoint_equals_fit_export(fitted: tuple[Path, str], worksp
     assert main(["export", str(ckpt), "--out", str(out)]) == 1  # existing output kept without --overwrite
     assert capsys.readouterr().err == (f"retrofit: error: {out} already exists and is not empty: choose another "
                                        "directory, or replace it with --overwrite true (overwrite=True in Python).\n")
+
+
+EXPORT_ONLY = ("import json, sys; from retrofit.cli import main; code = main(sys.argv[1:]); "
+               "print(json.dumps([code, sorted(sys.modules)]))")
+
+
+def test_export_command_loads_none_of_retrofits_plotting_code(fitted: tuple[Path, str], tmp_path: Path) -> None:
+    ckpt = next((fitted[0] / "checkpoints").glob("*.ckpt"))
+    out = subprocess.run([sys.executable, "-c", EXPORT_ONLY, "export", str(ckpt), "--out", str(tmp_path / "m")],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent).stdout
+    code, modules = json.loads(out.splitlines()[-1])
+    assert code == 0 and (tmp_path / "m" / "model.safetensors").is_file()
+    # (matplotlib itself comes with torchmetrics, which the training module's metrics import)
+    assert not [m for m in ("retrofit.plots", "retrofit.maps", "retrofit.diagnose", "retrofit.page") if m in modules]
 
 
 def test_registers_added_to_a_model_that_has_some_are_announced_and_counted(
@@ -230,11 +249,6 @@ def test_recipe_name_as_config_from_any_directory(tmp_path: Path, monkeypatch: p
     assert main(["fit", "--config", "dinov2_vitb14_reg4", "--data.source", ".", "--print_config"]) == 0
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["backbone"] == "vit_base_patch14_dinov2.lvd142m" and config["model"]["num_registers"] == 4
-
-
-def test_plain_fit_defaults_to_the_python_apis_1000_steps(tmp_path: Path) -> None:
-    config = fit_config(["--model.backbone", "test_vit", "--data.source", str(tmp_path)])
-    assert config.trainer.max_steps == 1000 and config.trainer.max_epochs is None
 
 
 def test_fit_config_validates_without_building(workspace: dict[str, Path]) -> None:

@@ -95,7 +95,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, student, monkeypatch):
         (directory / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(importlib.import_module("retrofit.export"), "save_for_hf", crash)
+    monkeypatch.setattr(importlib.import_module("retrofit._export"), "save_for_hf", crash)
     with pytest.raises(KeyboardInterrupt):
         export(student, tmp_path / "exp")
     assert list(tmp_path.iterdir()) == []

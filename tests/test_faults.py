@@ -14,17 +14,20 @@ import subprocess
 import sys
 from contextlib import redirect_stdout
 from pathlib import Path
+from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import timm
 import torch
 import yaml
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from safetensors.torch import load_file
 
 from retrofit.api import retrofit
 from retrofit.cache import TargetCache
 from retrofit.cli import main
-from retrofit.faults import NonFiniteError, NonFiniteGuard
+from retrofit.faults import NonFiniteError, NonFiniteGuard, batches_done, continue_run
 from retrofit.module import RetrofitModule
 from retrofit.synthetic import synthetic_images
 from retrofit.targets import DenoisedTargets, TargetSettings
@@ -192,3 +195,43 @@ def test_resuming_from_a_missing_checkpoint_is_one_line(tmp_path, capsys) -> Non
     err = capsys.readouterr().err
     assert err == f"retrofit: error: checkpoint {tmp_path / 'gone.ckpt'} does not exist: pass a .ckpt from a run's " \
                   "checkpoints folder.\n"
+
+
+class _Linear(L.LightningModule):
+    """The smallest module a Trainer can fit: one linear layer on random vectors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+        self.done: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).sum()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.done.append(batches_done(self.trainer))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_batches_done_counts_the_batches_of_the_epoch(tmp_path) -> None:
+    """The Lightning-internal count the resumable loader relies on (faults.batches_done)."""
+    module = _Linear()
+    L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path, **QUIET).fit(
+        module, torch.utils.data.DataLoader(torch.randn(6, 2), batch_size=2))
+    assert module.done == [1, 2, 3, 1, 2, 3]
+
+
+def test_a_resumed_run_continues_its_logs_in_place(tmp_path) -> None:
+    """continue_run points both folder loggers at the checkpoint's run folder, and the CSV one appends."""
+    run = tmp_path / "lightning_logs" / "version_3"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (run / "metrics.csv").write_text("loss,step\n1.0,0\n")  # as Lightning writes it: columns sorted
+    csv_logger, tensorboard = CSVLogger(tmp_path), TensorBoardLogger(tmp_path)
+    continue_run(SimpleNamespace(loggers=[csv_logger, tensorboard]), run / "checkpoints" / "last.ckpt")
+    assert Path(csv_logger.log_dir) == Path(tensorboard.log_dir) == run
+    csv_logger.log_metrics({"loss": 0.5}, step=1)
+    csv_logger.save()
+    assert (run / "metrics.csv").read_text().splitlines() == ["loss,step", "1.0,0", "0.5,1"]

@@ -16,7 +16,9 @@ from retrofit.hub import push_to_hub
 
 from .helpers import perturb_
 
-RUN = dict(backbone="test_vit.r160_in1k", freeze="phreg", step=100, batch_size=16, img_size=160, train_images=50)
+HUB_SOURCE = {"model": "test_vit.r160_in1k", "hub_id": "timm/test_vit.r160_in1k", "license": "apache-2.0"}
+RUN = dict(backbone="test_vit.r160_in1k", source=HUB_SOURCE, freeze="phreg", step=100, batch_size=16, img_size=160,
+           train_images=50)
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +39,13 @@ def test_card_in_every_export_and_plain_timm_loads_the_folder(tmp_path, models, 
     out = export(student, tmp_path / "vit_reg4", diagnose_report=report, **RUN)
     card = (out / "README.md").read_text()
     front = card.split("---\n")[1]
-    assert "library_name: timm" in front and "license: apache-2.0" in front  # test_vit's own license
+    assert "library_name: timm" in front and "license: apache-2.0" in front  # the hub weights' license
     assert "- registers" in front and "pipeline_tag: image-feature-extraction" in front
     for line in ("**Registers:** 4", "**Freeze preset:** `phreg`", "**Steps:** 100",
-                 "**Images:** 1,600 seen (16 per step), 50 distinct", "**Resolution:** 160 px",
-                 "**Source model:** [`timm/test_vit.r160_in1k`](https://huggingface.co/timm/test_vit.r160_in1k)",
+                 "**Images:** 1,600 seen (16 per step), 50 distinct",
+                 "**Resolution:** 160 x 160 px (the training size)",
+                 "- Image size: 160 x 160 (other sizes too: dynamic_img_size)",
+                 "**Source model:** [`test_vit.r160_in1k`](https://huggingface.co/timm/test_vit.r160_in1k)",
                  'timm.create_model("local-dir:path/to/vit_reg4", pretrained=True)'):
         assert line in card
     assert "Vision Transformers Need Registers" in card and "year={2024}" in card
@@ -71,20 +75,21 @@ def test_a_report_of_other_models_is_refused(tmp_path, models, report):
     assert not (tmp_path / "two").exists()
 
 
-def test_push_uploads_the_export_through_timm(tmp_path, models, fake_hub):
+def test_push_uploads_the_folder_as_written(tmp_path, models, fake_hub, monkeypatch):
+    """create_repo + upload_folder of the export: the bytes on the Hub are the bytes on disk, nothing re-saved."""
     _, student = models
     out = export(student, tmp_path / "vit_reg4", repo_id="user/vit-reg4", **RUN)
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("the push built a model"))
     url = push_to_hub(out, "user/vit-reg4")
     assert url == "https://huggingface.co/user/vit-reg4/commit/0123abc"
     assert fake_hub.created == ["user/vit-reg4"]
     (upload,) = fake_hub.uploads
-    assert upload["repo_id"] == "user/vit-reg4" and set(upload["files"]) == {"README.md", "config.json",
-                                                                           "model.safetensors"}
-    pushed, local = json.loads(upload["files"]["config.json"]), json.loads((out / "config.json").read_text())
+    assert upload["repo_id"] == "user/vit-reg4" and upload["folder_path"] == out
+    assert upload["files"] == {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(upload["files"]) == {"README.md", "config.json", "model.safetensors"}
+    pushed = json.loads(upload["files"]["config.json"])
     assert pushed["model_args"]["reg_tokens"] == 4 and pushed["model_args"]["no_embed_class"] is True
-    assert pushed == local
-    assert upload["files"]["README.md"].decode() == (out / "README.md").read_text()
-    assert 'timm.create_model("hf-hub:user/vit-reg4", pretrained=True)' in (out / "README.md").read_text()
+    assert 'timm.create_model("hf-hub:user/vit-reg4", pretrained=True)' in upload["files"]["README.md"].decode()
     weights = load(upload["files"]["model.safetensors"])
     assert all(torch.equal(weights[k], v) for k, v in student.state_dict().items())
 
@@ -110,6 +115,8 @@ def test_push_failures_are_one_line_and_keep_the_export(tmp_path, models, fake_h
         assert "\n" not in message and fix in message and "the local export is kept" in message
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not fake_hub.uploads
 
+    with pytest.raises(RetrofitError, match="is not an export folder"):
+        push_to_hub(tmp_path, "user/vit-reg4")
     with pytest.raises(RetrofitError, match="is not a Hub repo id"):
         push_to_hub(out, "user/bad name")
     with pytest.raises(RetrofitError, match="names no owner"):

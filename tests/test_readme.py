@@ -4,7 +4,7 @@ import re
 import shlex
 from pathlib import Path
 
-from retrofit.cli import fit_config
+from retrofit.fit_cli import fit_config
 from retrofit.recipes import trainable_parameters
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()

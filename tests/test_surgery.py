@@ -5,10 +5,11 @@ import math
 import pytest
 import timm
 import torch
+from timm.models._input import get_model_args
 
 from retrofit import RetrofitError, add_registers, count_registers
-from retrofit.features import forward_tokens
-from retrofit.surgery import register_key_mask, register_slice
+from retrofit.features import forward_tokens, patch_features
+from retrofit.surgery import at_input_size, register_key_mask, register_slice
 
 from .helpers import perturb_
 
@@ -103,3 +104,20 @@ def test_bad_arguments_are_one_line_errors():
         with pytest.raises(RetrofitError, match=pattern) as err:
             add_registers(model, **{"num_registers": 2, **kwargs})
         assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("arch", "kwargs", "size"), [
+    ("test_vit", {}, 96),  # 160 px model, trained at 96
+    ("eva02_tiny_patch14_224", {"depth": 2, "img_size": 112}, 56),  # rope and position embedding both resampled
+])
+def test_at_input_size_computes_what_a_dynamic_size_forward_computed_there(arch, kwargs, size):
+    model = add_registers(perturb_(timm.create_model(arch, pretrained=False, **kwargs)), 2).eval()
+    native = model.patch_embed.img_size
+    built = at_input_size(model, size)
+    assert tuple(built.patch_embed.img_size) == (size, size) and built.dynamic_img_size
+    assert get_model_args(built)["img_size"] == (size, size) and model.patch_embed.img_size == native  # kept
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():  # the model at its own size, resampling to this one on the fly at every forward
+        on_the_fly = patch_features(at_input_size(model, native[0]), x)
+        torch.testing.assert_close(patch_features(built, x), on_the_fly, rtol=0, atol=0)
+    assert at_input_size(built, size) is built

@@ -1,6 +1,7 @@
 """timm-native export: a directory that plain ``timm.create_model('local-dir:DIR', pretrained=True)`` reads.
 
-This module owns the export folder: writing it, recognising it and reading it back.
+This module owns the export folder: writing it, recognising it and reading it back. (It is ``_export``, not
+``export``: a submodule of that name would shadow the :func:`export` function on the lazily imported package.)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 from .card import before_after, write_card
 from .errors import RetrofitError, first_line
 from .files import apply_umask
-from .surgery import check_supported, count_registers, timm_model
+from .surgery import at_input_size, check_supported, count_registers, timm_model
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -54,11 +55,19 @@ def export(
     out_dir: str | Path,
     overwrite: bool = False,
     *,
+    img_size: int | None = None,
+    source: Mapping[str, str] | None = None,
     repo_id: str | None = None,
     diagnose_report: Mapping[str, Any] | str | Path | None = None,
     **metadata: Any,
 ) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (timm's hub layout) and the model card to ``out_dir``, atomically.
+
+    ``img_size``: the resolution the model was trained at. The export is built for it
+    (:func:`retrofit.surgery.at_input_size`: ``img_size`` and ``dynamic_img_size=True`` in config.json's
+    ``model_args``), so plain timm runs it at that size, and at any other. ``source``: where the original
+    weights came from (:func:`retrofit.backbones.weights_source`); the card names it, and gives a license only
+    when the source has one (config.json's ``pretrained_cfg`` then agrees); without it, "not recorded".
 
     Everything is written to a temporary sibling directory that is renamed into place at the end,
     so an interrupted or failed export (a full disk) leaves the previous ``out_dir`` as it was and no
@@ -70,7 +79,9 @@ def export(
     ``repo_id`` (the Hub repo it is meant for) when given.
     """
     check_supported(model)
-    info = {"version": version("retrofit"), "num_registers": count_registers(model), **metadata}
+    model = at_input_size(model, img_size) if img_size else model
+    info = {"version": version("retrofit"), "num_registers": count_registers(model), "source": dict(source or {}),
+            **({"img_size": img_size} if img_size else {}), **metadata}
     if diagnose_report is not None:
         info["diagnose"] = before_after(diagnose_report, info["num_registers"])
     out = Path(out_dir)
@@ -83,7 +94,9 @@ def export(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         try:
-            save_for_hf(model, tmp, model_config={"retrofit": info}, safe_serialization=True)
+            size = {"img_size": img_size} if img_size else None  # pretrained_cfg's input_size: the training size
+            save_for_hf(model, tmp, model_config={"retrofit": info}, safe_serialization=True, data_config=size)
+            _set_license(tmp / "config.json", info["source"].get("license"))
             write_card(model, tmp, info, out.name, repo_id)
         except (OSError, SafetensorError) as e:  # e.g. a full disk
             kept = f"{out} is unchanged" if out.exists() else f"nothing was written to {out}"
@@ -100,6 +113,16 @@ def export(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _set_license(config_path: Path, license: str | None) -> None:
+    """config.json's license is the source's, or none: timm copies the architecture's default config, whose license
+    belongs to hub weights this model may not have."""
+    config = json.loads(config_path.read_text())
+    config["pretrained_cfg"].pop("license", None)
+    if license:
+        config["pretrained_cfg"]["license"] = license
+    config_path.write_text(json.dumps(config, indent=2))
 
 
 def is_export_dir(path: str | Path) -> bool:
