@@ -14,9 +14,8 @@ import argparse
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import RichProgressBar
 
-from retrofit.callbacks import ArtifactMonitor, NormMapLogger, RegisterExport
+from retrofit.callbacks import ArtifactMonitor, NormMapLogger, RegisterExport, StepProgressBar
 from retrofit.data import RetrofitDataModule
 from retrofit.module import RetrofitModule
 
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         monitor,
         NormMapLogger(every_n_steps=args.every, out_dir=out / "norm_maps"),
         RegisterExport(out / "model"),
-        RichProgressBar(),
+        StepProgressBar(),  # the run's steps, with the time left (Lightning's bar counts one epoch)
     ]
     trainer = L.Trainer(max_steps=args.steps, callbacks=callbacks, default_root_dir=out, log_every_n_steps=1)
     trainer.fit(module, datamodule=data)

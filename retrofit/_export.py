@@ -42,6 +42,14 @@ def check_target(model: nn.Module, out_dir: str | Path, backbone: object = None)
         raise RetrofitError(f"{out_dir} holds the original model this one was made from: export to another directory.")
 
 
+def check_free(out_dir: str | Path, overwrite: bool) -> None:
+    """Refuse an existing, non-empty ``out_dir`` unless ``overwrite``: callers check before work that would be lost."""
+    out = Path(out_dir)
+    if not overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RetrofitError(f"{out} already exists and is not empty: choose another directory, or replace it with "
+                            "--overwrite true (overwrite=True in Python).")
+
+
 def export(
     model: nn.Module,
     out_dir: str | Path,
@@ -81,8 +89,7 @@ def export(
     old = out.with_name(f".{out.name}.old")
     if old.is_dir() and not out.exists():  # a replace was cut short between its two renames
         old.rename(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise RetrofitError(f"{out} already exists and is not empty: choose another directory or pass overwrite=True.")
+    check_free(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

@@ -17,6 +17,7 @@ from . import hub
 from .callbacks import RegisterExport
 from .data import RetrofitDataModule
 from .errors import RetrofitError
+from .faults import check_resume
 from .module import RetrofitModule
 from .pipeline import train, trainer
 from .surgery import at_input_size
@@ -103,8 +104,10 @@ def retrofit(
     module_kw, data_kw, trainer_kw = _route(settings)
     if push_to_hub is not None:
         hub.check_repo(push_to_hub)
+    check_resume(ckpt_path)
     module = RetrofitModule(backbone, **module_kw)
     datamodule = _data_module(data, data_kw)
+    datamodule.setup("fit")  # a bad data source: one line before the Trainer reports its devices
     run = trainer(**{"logger": False, "enable_checkpointing": False, **trainer_kw})
     with _export_folder(out_dir, push_to_hub) as folder:
         export = None if folder is None else RegisterExport(folder, overwrite=overwrite, push_to_hub=push_to_hub)

@@ -17,6 +17,7 @@ from torch import nn
 
 from ._export import WEIGHTS_NAME, export_config, is_export_dir, load
 from .errors import RetrofitError, first_line
+from .network import hub_or_cache
 from .surgery import check_supported
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -124,14 +125,19 @@ def load_backbone(
     if checkpoint is not None:
         model = _from_file(spec, Path(checkpoint), model_kwargs).eval()
         return _recorded(model, {"model": spec, "file": Path(checkpoint).name, "sha256": sha256(checkpoint)})
-    try:
-        model = timm.create_model(spec, pretrained=True, **model_kwargs).eval()
-    except Exception as e:
-        where = ("HF_HUB_OFFLINE is set and they are not in the local cache" if huggingface_hub.constants.HF_HUB_OFFLINE
-                 else f"{type(e).__name__}; offline, set HF_HUB_OFFLINE=1 to fail at once")
-        raise RetrofitError(
-            f"could not fetch pretrained weights for {spec!r} ({where}): pass a local weights file "
-            f"({LOCAL_WEIGHTS_FLAGS})."
-        ) from e
+    with hub_or_cache() as unreachable:  # no route to the Hub: the cache or a failure at once, not minutes of retries
+        try:
+            model = timm.create_model(spec, pretrained=True, **model_kwargs).eval()
+        except Exception as e:
+            if unreachable is not None:
+                where = f"{unreachable}, and they are not in the local cache"
+            elif huggingface_hub.constants.HF_HUB_OFFLINE:
+                where = "HF_HUB_OFFLINE is set and they are not in the local cache"
+            else:
+                where = f"{type(e).__name__}: {first_line(e, 120)}"
+            raise RetrofitError(
+                f"could not fetch pretrained weights for {spec!r} ({where}): pass a local weights file "
+                f"({LOCAL_WEIGHTS_FLAGS})."
+            ) from e
     return _recorded(model, _hub_source(spec, model))
 

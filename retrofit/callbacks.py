@@ -10,6 +10,8 @@ the module's ``margin`` patches of teacher context around the student's window).
 from __future__ import annotations
 
 import copy
+import logging
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence, Sized
 from pathlib import Path
@@ -19,20 +21,25 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import CustomBarColumn, CustomTimeColumn, ProcessingSpeedColumn
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from rich import get_console
+from rich.progress import TextColumn
 from torch import Tensor, nn
 
-from ._export import check_target, export
+from ._export import check_free, check_target, export
 from .errors import RetrofitError
-from .faults import batches_done
 from .features import inference, patch_features, patch_size
 from .hub import check_repo, push_to_hub
 from .metrics import FeatureFidelity, OutlierFraction, PatchNormStats, outlier_mask, repair_scores
 from .module import RetrofitModule
+from .report import percent
 from .surgery import timm_model
 from .targets import crop_center
+
+RANK_ZERO_LOG = "lightning.pytorch.utilities.rank_zero"  # the logger of Lightning's rank_zero_info
+LIGHTNING_LOGS = ("lightning", "lightning.pytorch", "lightning.fabric")  # those that may have handlers
 
 
 def _batch_images(batch: Any, key: str) -> Tensor:
@@ -203,6 +210,19 @@ class ArtifactMonitor(_ProbeCallback):
             # every rank evaluates here; all must agree to stop or DDP hangs
             if trainer.strategy.reduce_boolean_decision(self._targets_met(values), all=True):
                 trainer.should_stop = True
+                of = f" of {trainer.max_steps}" if trainer.max_steps > 0 else ""
+                rank_zero_info(f"ArtifactMonitor stopped the run at step {trainer.global_step}{of}: "
+                               f"{self._reason(values)}.")
+
+    def _reason(self, values: dict[str, float]) -> str:
+        """The stop targets that were met, in words."""
+        reasons = []
+        if self.stop_outlier_fraction is not None:
+            reasons.append(f"high-norm outliers {percent(values['outlier_high'])} <= "
+                           f"{percent(self.stop_outlier_fraction)}")
+        if self.stop_fidelity is not None:
+            reasons.append(f"mean fidelity {values['fidelity_mean']:.3f} >= {self.stop_fidelity:.3f}")
+        return " and ".join(reasons)
 
     def _targets_met(self, values: dict[str, float]) -> bool:
         clean = self.stop_outlier_fraction is None or values["outlier_high"] <= self.stop_outlier_fraction
@@ -326,9 +346,7 @@ class RegisterExport(L.Callback):
         if stage != "fit":
             return
         self.out_dir = self.out_dir or Path(trainer.log_dir or trainer.default_root_dir) / "model"
-        if not self.overwrite and self.out_dir.exists() and any(self.out_dir.iterdir()):
-            raise RetrofitError(f"{self.out_dir} already exists and is not empty: choose another out_dir or "
-                                "pass overwrite=True.")
+        check_free(self.out_dir, self.overwrite)
         model = getattr(pl_module, self.model_attr, None)
         if isinstance(model, nn.Module):
             check_target(model, self.out_dir, getattr(pl_module, "hparams", {}).get("backbone"))
@@ -401,36 +419,88 @@ class RegisterExport(L.Callback):
 
 
 class StepProgressBar(RichProgressBar):
-    """Rich progress that reads "step 120/1000 (epoch 3)" when ``max_steps`` bounds the run.
+    """One rich bar over the whole run when ``max_steps`` bounds it: "step 120/1000 (epoch 3)", the time since
+    the run started and the time left.
 
-    Lightning's bar counts epochs, which a step-bounded run does not have ("Epoch 16/-2"); the bar
-    itself still fills once per epoch. The logger's version number (``v_num``) is left out, metric names lose
-    their ``train/`` prefix, and a terminal narrower than 120 columns shows the loss alone (the metrics column
-    otherwise wraps into a tall block at 80).
+    Lightning's bar counts the batches of one epoch and starts over each epoch, elapsed time and estimate
+    included, and reads "Epoch 16/-2" for a run without an epoch count. Here the bar counts optimizer steps,
+    from the step a resumed run starts at, and its line fits the terminal (a line wider than the terminal was
+    wrapped, and left behind twice when the bar ended). The logger's version number (``v_num``) is left out,
+    metric names lose their ``train/`` prefix, and a terminal narrower than 120 columns shows the loss alone.
+    A run bounded by epochs gets Lightning's own bar.
     """
 
-    @property
-    def total_train_batches(self) -> int | float:
-        """This epoch's batches up to ``max_steps``, those done included: Lightning counts only the steps left,
-        which undercounts an epoch resumed half-way (its bar read "3/1")."""
-        trainer = self.trainer
-        if trainer.max_epochs == -1 and trainer.max_steps > 0:
-            done = batches_done(trainer)
-            return min(trainer.num_training_batches, done + trainer.max_steps - trainer.global_step)
-        return super().total_train_batches
+    DESCRIPTION_WIDTH = 28  # "step 10000/10000 (epoch 100)"
+    TIME_WIDTH = 17  # "0:12:34 • 1:23:45"
+    METRICS_WIDTH = 14  # "loss: 0.00123" at a narrow terminal
+    _streams: Sequence[tuple[logging.StreamHandler, Any]] = ()  # Lightning's log handlers and their own streams
+
+    @staticmethod
+    def _counts_steps(trainer: L.Trainer) -> bool:
+        return trainer.max_steps > 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        logging.getLogger(RANK_ZERO_LOG).addFilter(_not_max_steps_reached)  # once, however many runs
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Lightning's log lines go to ``sys.stderr`` as it is while the bar shows (in a terminal, rich's proxy
+        that prints above the bar): written to the terminal directly, they tore the bar's line."""
+        super().on_train_start(trainer, pl_module)
+        handlers = [h for name in LIGHTNING_LOGS for h in logging.getLogger(name).handlers
+                    if type(h) is logging.StreamHandler and h.stream is not sys.stderr]
+        self._streams = [(h, h.setStream(sys.stderr)) for h in handlers]
+
+    def _restore_streams(self) -> None:
+        for handler, stream in self._streams:
+            handler.setStream(stream)
+        self._streams = ()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._restore_streams()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._restore_streams()
+
+    def configure_columns(self, trainer: L.Trainer) -> list:
+        if not self._counts_steps(trainer):
+            return super().configure_columns(trainer)
+        width = get_console().width  # the console the bar draws on (RichProgressBar takes rich's own)
+        bar = max(10, min(40, width - self.DESCRIPTION_WIDTH - self.TIME_WIDTH - self.METRICS_WIDTH - 4))
+        theme = self.theme
+        columns = [
+            TextColumn("[progress.description]{task.description}"),
+            CustomBarColumn(bar_width=bar, complete_style=theme.progress_bar,
+                            finished_style=theme.progress_bar_finished, pulse_style=theme.progress_bar_pulse),
+            CustomTimeColumn(style=theme.time),  # elapsed • left
+        ]
+        return columns + ([ProcessingSpeedColumn(style=theme.processing_speed)] if width >= 120 else [])
 
     def _describe(self, trainer: L.Trainer) -> None:
-        if trainer.max_steps > 0 and self.progress is not None and self.train_progress_bar_id is not None:
-            description = f"step {trainer.global_step}/{trainer.max_steps} (epoch {trainer.current_epoch})"
-            self.progress.update(self.train_progress_bar_id, description=description)
+        """The run's bar: made on its first step (also when it resumes mid-epoch), moved to the current step."""
+        if self.progress is None or self.is_disabled:
+            return
+        description = f"step {trainer.global_step}/{trainer.max_steps} (epoch {trainer.current_epoch})"
+        if self.train_progress_bar_id is None:
+            self.train_progress_bar_id = self.progress.add_task(description, total=trainer.max_steps,
+                                                                completed=trainer.global_step)
+        self.progress.update(self.train_progress_bar_id, completed=trainer.global_step, description=description)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
+        if not self._counts_steps(trainer):
+            super().on_train_epoch_start(trainer, pl_module)
+            return
         self._describe(trainer)
+        self.refresh()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        super().on_train_batch_end(trainer, pl_module, *args)  # makes the bar of an epoch resumed half-way
+        if not self._counts_steps(trainer):
+            super().on_train_batch_end(trainer, pl_module, *args)
+            return
         self._describe(trainer)  # the optimizer step is done: global_step counts it
+        self._update_metrics(trainer, pl_module)
         self.refresh()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float]:
@@ -440,3 +510,9 @@ class StepProgressBar(RichProgressBar):
                  for name, value in metrics.items()}
         narrow = get_console().width < 120  # the console the bar draws on (RichProgressBar takes rich's own)
         return {k: v for k, v in short.items() if k == "loss"} if narrow and "loss" in short else short
+
+
+def _not_max_steps_reached(record: logging.LogRecord) -> bool:
+    """Lightning's "`Trainer.fit` stopped: `max_steps=N` reached." repeats the bar's last step, and printed in the
+    middle of the bar's line it left the bar behind twice."""
+    return not record.getMessage().startswith("`Trainer.fit` stopped: `max_steps=")

@@ -11,13 +11,16 @@ option for a typo), before any model is built.
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
+import re
 import sys
+from argparse import Action
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from jsonargparse import ArgumentParser, auto_cli
+from jsonargparse import ArgumentParser, DefaultHelpFormatter, auto_cli
 from rich.logging import RichHandler
 
 from . import __version__, commands
@@ -27,16 +30,34 @@ from .errors import RetrofitError
 # ---- parsing ------------------------------------------------------------------------------------------
 
 
+SPHINX = re.compile(r":[a-z]+:`~?([^`]+)`|``([^`]+)``")  # :func:`name`, ``code``
+
+
+def plain_text(text: str) -> str:
+    """Docstring text as --help shows it: the names in Sphinx roles and double backticks without the markup."""
+    return SPHINX.sub(lambda m: m[1] or m[2], text)
+
+
+class PlainHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help (types and defaults) in plain text: the docstrings it quotes are written for Sphinx."""
+
+    def _get_help_string(self, action: Action) -> str:
+        return plain_text(super()._get_help_string(action))
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(plain_text(text))
+
+
 class Strict:
-    """Parser mixin: options are never abbreviated, and every error is one RetrofitError line naming the field
-    (an unknown option gets the nearest real one)."""
+    """Parser mixin: options are never abbreviated, help is plain text, and every error is one RetrofitError line
+    naming the field (an unknown option gets the nearest real one)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+        super().__init__(*args, **{"allow_abbrev": False, "formatter_class": PlainHelpFormatter, **kwargs})
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         parser = getattr(ex, "subcommand_parser", None) or self
-        text = " ".join(message.split())
+        text = _plain_union_error(" ".join(message.split()))
         words = text.split()
         if text.startswith("unrecognized arguments:") and len(words) > 2:
             close = difflib.get_close_matches(words[2].split("=")[0], parser._option_string_actions, n=1)
@@ -45,8 +66,27 @@ class Strict:
         raise RetrofitError(f"invalid configuration: {text} (`{prog} --help` lists the options).")
 
 
+UNION_ERROR = re.compile(r'Parser key "(?P<key>[^"]+)": Does not validate against any of the Union subtypes '
+                         r"Subtypes: \[(?P<types>.*?)\] Errors: .* Given value: (?P<value>.*)")
+
+
+def _plain_union_error(text: str) -> str:
+    """jsonargparse's account of a value that fits none of an option's types, as one short sentence."""
+    if (match := UNION_ERROR.fullmatch(text)) is None:
+        return text
+    types = match["types"].replace("<class 'NoneType'>", "null").replace("typing.", "").replace(", ", " or ")
+    return f"--{match['key']} does not take {match['value']!r}: it takes {types}"
+
+
 class CommandParser(Strict, ArgumentParser):
-    pass
+    def add_subcommands(self, *args: Any, **kwargs: Any) -> Any:
+        """A parser that only dispatches to subcommands has no settings of its own: no --config / --print_config
+        (auto_cli gives every parser those; the subcommands keep theirs)."""
+        for action in [a for a in self._actions if a.dest in ("config", "print_config")]:
+            for option in action.option_strings:
+                del self._option_string_actions[option]
+            action.container._remove_action(action)
+        return super().add_subcommands(*args, **kwargs)
 
 
 # ---- fit ----------------------------------------------------------------------------------------------
@@ -97,12 +137,12 @@ def recipe_command(name: str) -> dict[str, str]:
     Args:
         name: the recipe's name, as `retrofit recipes` lists it.
     """
-    from .recipes import fold_comments, recipe_path, summary_table
+    from .recipes import recipe_path, summary_table
 
     path = recipe_path(name)
     row = _summary(path)
     console.print(f"# {path}", style="dim", soft_wrap=True)
-    console.print(fold_comments(path.read_text(), console.width), markup=False, highlight=False, soft_wrap=True)
+    console.print(path.read_text(), markup=False, highlight=False, soft_wrap=True, end="")  # as written: 80 columns
     console.print(summary_table([row]))
     return row
 
@@ -118,6 +158,37 @@ COMMANDS: dict[str, Any] = {
     "recipes": recipes_command,
     "recipe": recipe_command,
 }
+
+
+NUMBERS = re.compile(r"-?\d+(\.\d*)?(,-?\d+(\.\d*)?)*")  # "4", "-1", "4,11"
+NUMBER_LIST = re.compile(r"list\[(int|float)\]( \| None)?")  # an annotation, as text (postponed evaluation)
+
+
+def _number_lists(commands: dict[str, Any]) -> set[str]:
+    """The options of ``commands`` (nested) whose values are lists of numbers, such as diagnose's ``--layers``."""
+    options = set()
+    for command in commands.values():
+        if isinstance(command, dict):
+            options |= _number_lists(command)
+        elif callable(command):
+            options |= {f"--{name}" for name, parameter in inspect.signature(command).parameters.items()
+                        if NUMBER_LIST.fullmatch(str(parameter.annotation))}
+    return options
+
+
+def join_number_lists(args: Sequence[str], options: set[str]) -> list[str]:
+    """``--layers 11``, ``--layers 4 11`` and ``--layers 4,11`` as jsonargparse reads a list: ``--layers=[4,11]``
+    (which, like ``--layers '[4, 11]'``, it also takes as it is)."""
+    out, i = [], 0
+    while i < len(args):
+        option, _, value = args[i].partition("=")
+        end = i + 1
+        while option in options and not value and end < len(args) and NUMBERS.fullmatch(args[end]):
+            end += 1
+        values = [value] if option in options and NUMBERS.fullmatch(value) else args[i + 1:end]
+        out.append(f"{option}=[{','.join(values)}]" if values else args[i])
+        i = end
+    return out
 
 
 TIMM_MESSAGES = ("Loading pretrained weights from Hugging Face hub", "Loading pretrained weights from url",
@@ -144,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args[0] == "fit":
             fit(args[1:])
         else:
-            auto_cli(COMMANDS, args=args, parser_class=CommandParser, prog="retrofit", version=__version__,
+            auto_cli(COMMANDS, args=join_number_lists(args, _number_lists(COMMANDS)), parser_class=CommandParser,
+                     prog="retrofit", version=__version__,
                      description="Give a pretrained timm ViT register tokens after the fact.")
     except RetrofitError as e:
         print(f"retrofit: error: {e}", file=sys.stderr)

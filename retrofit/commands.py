@@ -67,7 +67,7 @@ def diagnose_command(
         max_images: use the first N readable images of the folder (unreadable ones are skipped and counted).
         k: outlier factor: norm above k x (or below 1/k x) the image median.
         threshold: absolute norm threshold for high-norm outliers instead of k (e.g. 150 as in Darcet et al.).
-        layers: block indices to measure (default: all).
+        layers: block indices to measure, e.g. --layers 11 or --layers 4 11 (-1: the last block; default: all).
         batch_size: images per forward.
         ttr: register-neuron file from `retrofit neurons`: MODEL runs with test-time registers (no training);
             without --compare, the plain MODEL is shown beside it.
@@ -299,12 +299,14 @@ def export_command(
         private: create the Hub repo as private.
     """
     from . import hub
+    from ._export import check_free
     from .callbacks import RegisterExport
     from .module import RetrofitModule
     from .surgery import count_registers
 
     if push_to_hub is not None:
         hub.check_repo(push_to_hub)
+    check_free(out, overwrite)  # before the checkpoint and its backbone are loaded
     module, record = RetrofitModule.from_checkpoint(checkpoint, backbone)
     step = int(record.get("global_step", 0))
     path = module.export(out, overwrite=overwrite, diagnose_report=diagnose, repo_id=push_to_hub,

@@ -324,7 +324,7 @@ def _nearest_sizes(size: int, patch: int) -> str:
 
 
 class RetrofitDataModule(L.LightningDataModule):
-    """Unlabeled training images for retrofitting, cropped with a teacher margin and normalised.
+    """Unlabeled training images, cropped with a teacher margin and normalised.
 
     Args:
         source: where the images are. A local folder (searched recursively for .jpg .jpeg .png .webp
@@ -333,7 +333,7 @@ class RetrofitDataModule(L.LightningDataModule):
             for a Hugging Face hub dataset. HF keys are ``"<name>:<split>:<index>"`` unless
             ``key_column`` is set.
         img_size: training resolution S of the student's square window; must divide by the patch size. None: the
-            backbone's own size (set by configure_for).
+            backbone's own size, set when training starts.
         batch_size: images per batch (per device).
         num_workers: DataLoader worker processes; 0 reads in the main process.
         split: dataset split for HF sources (ignored for folders).
@@ -350,13 +350,12 @@ class RetrofitDataModule(L.LightningDataModule):
             resized below the full crop S + 2mp.
         shuffle: reshuffle the order every epoch; False keeps the source order.
         seed: seeds the order and every crop: the same seed gives the same batches.
-        mean: normalisation mean; default from the backbone's pretrained_cfg (via configure_for).
-        std: normalisation std; default from the backbone's pretrained_cfg.
-        interpolation: "bicubic", "bilinear", "nearest" or "nearest-exact"; default from the backbone's
-            pretrained_cfg.
-        patch_size: the backbone's patch size p; default from the model given to configure_for.
+        mean: normalisation mean; default: the backbone's (its pretrained_cfg), set when training starts.
+        std: normalisation std; default: the backbone's, as for mean.
+        interpolation: "bicubic", "bilinear", "nearest" or "nearest-exact"; default: the backbone's.
+        patch_size: the backbone's patch size p; default: the backbone's, set when training starts.
         margin: margin m in patches around the student's window (real pixels for the teacher's shifted
-            views). ``configure_for(model, margin_patches)`` replaces it with what the module needs.
+            views); training sets it to what the targets need.
     """
 
     def __init__(

@@ -284,10 +284,20 @@ def explain_stops(trainer: L.Trainer) -> Iterator[None]:
         yield
 
 
+def check_resume(ckpt_path: str | Path | None) -> bool:
+    """Whether ``ckpt_path`` names a checkpoint file to resume from (not one Lightning resolves itself, such as
+    ``last``); one that does not exist is a one-line error, so callers check before building anything."""
+    if ckpt_path is None or str(ckpt_path) in LIGHTNING_CHECKPOINTS or str(ckpt_path).startswith("registry"):
+        return False
+    if not Path(ckpt_path).is_file():
+        raise RetrofitError(f"checkpoint {ckpt_path} does not exist: pass a .ckpt from a run's checkpoints folder.")
+    return True
+
+
 def batches_done(trainer: L.Trainer) -> int:
     """Batches of the current epoch the training loop has stepped through: where a resumed epoch starts again.
 
-    No public hook gives this count when a checkpoint or an epoch's progress bar needs it (a callback's
+    No public hook gives this count when the resumable training loader needs it (a callback's
     ``batch_idx`` comes with the next batch), so it is read from Lightning's loop progress,
     ``trainer.fit_loop.epoch_loop.batch_progress.current.processed`` (Lightning 2.6.6). The attribute is checked by
     tests/test_faults.py::test_batches_done_counts_the_batches_of_the_epoch; the exact resume it serves by
@@ -305,10 +315,8 @@ def continue_run(trainer: L.Trainer, ckpt_path: str | Path | None) -> None:
     delete it on opening the folder). Call before anything asks for ``trainer.log_dir`` or writes a log.
     A checkpoint path that does not exist is a one-line error here, before any training.
     """
-    if ckpt_path is None or str(ckpt_path) in LIGHTNING_CHECKPOINTS or str(ckpt_path).startswith("registry"):
+    if not check_resume(ckpt_path):
         return
-    if not Path(ckpt_path).is_file():
-        raise RetrofitError(f"checkpoint {ckpt_path} does not exist: pass a .ckpt from a run's checkpoints folder.")
     checkpoints = Path(ckpt_path).resolve().parent
     if checkpoints.name != "checkpoints":
         return
@@ -321,5 +329,7 @@ def continue_run(trainer: L.Trainer, ckpt_path: str | Path | None) -> None:
             logger._version = run.name
             if isinstance(logger, CSVLogger):
                 logger._experiment = ContinuedCSVWriter(logger.log_dir)
-            # ModelCheckpoint warns about a non-empty folder, which is the point here
-            warnings.filterwarnings("ignore", f"Checkpoint directory {re.escape(str(checkpoints))} exists")
+            # ModelCheckpoint warns about a non-empty folder, which is the point here; it names the folder as the
+            # logger's root was given (relative, say), so the filter matches its last three parts
+            tail = re.escape(str(Path(run.parent.name, run.name, checkpoints.name)))
+            warnings.filterwarnings("ignore", rf"Checkpoint directory (.*/)?{tail} exists and is not empty")

@@ -13,7 +13,8 @@ import importlib.util
 import logging
 import shlex
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,13 @@ from .callbacks import RegisterExport
 from .cli import Strict
 from .commands import console
 from .data import RetrofitDataModule
+from .faults import check_resume
 from .hub import check_repo
 from .module import RetrofitModule
 from .pipeline import train, trainer
 from .recipes import resolve_config
+
+SEED_LOG = "lightning.fabric.utilities.seed"
 
 
 class FitParser(Strict, LightningArgumentParser):
@@ -64,6 +68,9 @@ class RetrofitCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
                 "prog": "retrofit fit",
+                "usage": "retrofit fit [--config RECIPE|FILE] [--data.source DIR] [--print_config]\n"
+                f"{' ' * 20}[--model.KEY VALUE] [--data.KEY VALUE] [--trainer.KEY VALUE]\n"
+                f"{' ' * 20}[--ckpt_path CKPT] [--export_dir DIR] [--push_to_hub REPO]",
                 "description": "Retrofit register tokens into a timm ViT by self-distillation from its frozen "
                 "original. Start from a recipe: retrofit fit --config NAME --data.source DIR.",
             },
@@ -78,6 +85,13 @@ class RetrofitCLI(LightningCLI):
         parser.add_argument("-c", "--config", action=RecipeOrFile,
                             help="A recipe name (see `retrofit recipes`) or a YAML/JSON config file.")
         return parser
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """As LightningCLI's, with retrofit's own settings (model, data) before the Trainer's in --help."""
+        parser.add_lightning_class_args(RetrofitModule, "model")
+        parser.add_lightning_class_args(RetrofitDataModule, "data")
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items() if k != "callbacks"})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None,
@@ -94,11 +108,17 @@ class RetrofitCLI(LightningCLI):
         if self._instantiate:
             if self.config.push_to_hub is not None:
                 check_repo(self.config.push_to_hub)  # a bad repo id or no token: before any model is built
+            check_resume(self.config.ckpt_path)
             super().instantiate_classes()
             add_metrics_csv(self.trainer)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """Unless a logger is configured: TensorBoard when it is installed, else CSV (no warning either way)."""
+        """Unless a logger is configured: TensorBoard when it is installed, else CSV (no warning either way).
+
+        The data source is opened first: a missing folder or dataset is one line before the Trainer reports
+        its devices.
+        """
+        self.datamodule.setup("fit")
         settings = self.config_init.get("trainer") or {}  # run=False: the config has no subcommand level
         if settings.get("logger") in (None, True):
             root = settings.get("default_root_dir") or Path.cwd()
@@ -120,14 +140,21 @@ def add_metrics_csv(run: L.Trainer) -> None:
         warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
+@contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """The logger ``name`` says nothing inside the block."""
+    log = logging.getLogger(name)
+    log.disabled, disabled = True, log.disabled
+    try:
+        yield
+    finally:
+        log.disabled = disabled
+
+
 def fit_config(args: Sequence[str]) -> Namespace:
     """The resolved ``retrofit fit`` configuration for ``args``, validated without building anything."""
-    seed_log = logging.getLogger("lightning.fabric.utilities.seed")  # "Seed set to 0" says nothing here
-    seed_log.disabled = True
-    try:
+    with _quiet(SEED_LOG):
         return RetrofitCLI(args, instantiate=False).config
-    finally:
-        seed_log.disabled = False
 
 
 def _resume_command(run: L.Trainer) -> str:
@@ -138,7 +165,8 @@ def _resume_command(run: L.Trainer) -> str:
 
 def fit(args: Sequence[str]) -> Path:
     """Train as configured, then export; returns the export directory (also printed)."""
-    cli = RetrofitCLI(args)
+    with _quiet(SEED_LOG):  # "Seed set to 0": config.yaml keeps the seed, and the line came before any error
+        cli = RetrofitCLI(args)
     export = RegisterExport(cli.config.export_dir, push_to_hub=cli.config.push_to_hub)
     train(cli.trainer, cli.model, cli.datamodule, ckpt_path=cli.config.ckpt_path, export=export,
           resume=_resume_command)

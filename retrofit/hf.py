@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 
 import datasets
 
 from .errors import RetrofitError, first_line
+from .network import hub_or_cache
 
 IMAGEFOLDER_PREFIX = "imagefolder:"
 Split = datasets.Dataset | datasets.IterableDataset
@@ -37,19 +39,23 @@ def open_split(
     (``--data.``) is given.
     """
     spec = str(spec)
-    try:
-        if is_saved_dataset(spec):
-            loaded = datasets.load_from_disk(spec)
-        elif spec.startswith(IMAGEFOLDER_PREFIX):
-            loaded = datasets.load_dataset("imagefolder", data_dir=spec.removeprefix(IMAGEFOLDER_PREFIX), split=split,
-                                           streaming=streaming)
-        else:
-            loaded = datasets.load_dataset(spec, split=split, streaming=streaming)
-    except Exception as e:  # hub, network, builder and split errors all mean: this spec cannot be opened
-        raise RetrofitError(
-            f"cannot open dataset {spec!r} split {split!r} ({first_line(e, root=True)}): pass an image folder, "
-            "a save_to_disk folder or a Hugging Face dataset name and one of its splits."
-        ) from e
+    local = is_saved_dataset(spec) or spec.startswith(IMAGEFOLDER_PREFIX) or Path(spec).exists()
+    # A hub name without a route to the Hub: the cache or a failure at once, not minutes of retries.
+    with nullcontext() if local else hub_or_cache() as unreachable:
+        try:
+            if is_saved_dataset(spec):
+                loaded = datasets.load_from_disk(spec)
+            elif spec.startswith(IMAGEFOLDER_PREFIX):
+                loaded = datasets.load_dataset("imagefolder", data_dir=spec.removeprefix(IMAGEFOLDER_PREFIX),
+                                               split=split, streaming=streaming)
+            else:
+                loaded = datasets.load_dataset(spec, split=split, streaming=streaming)
+        except Exception as e:  # hub, network, builder and split errors all mean: this spec cannot be opened
+            cause = f"{unreachable}, and it is not in the local cache" if unreachable else first_line(e, root=True)
+            raise RetrofitError(
+                f"cannot open dataset {spec!r} split {split!r} ({cause}): pass an image folder, "
+                "a save_to_disk folder or a Hugging Face dataset name and one of its splits."
+            ) from e
     if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if split is None and len(loaded) == 1:
             loaded = next(iter(loaded.values()))

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback, ProgressBar
 
 from .callbacks import RegisterExport, StepProgressBar
 from .faults import continue_run, explain_stops, fault_callbacks
+from .steps import ignore_epoch_warnings, log_interval
 
 MAX_STEPS = 1000  # optimizer steps of a run that sets none (the recipes set their own)
 # "auto" and every precision lightning.Trainer takes (its own type, so the CLI checks a value before any model).
@@ -42,9 +43,10 @@ def trainer(
     accelerator: str | Accelerator = "auto",
     callbacks: list[Callback] | Callback | None = None,
     enable_progress_bar: bool | None = None,
+    log_every_n_steps: int | None = None,
     **kwargs: Any,
 ) -> L.Trainer:
-    """The Lightning Trainer with retrofit's defaults; every other option is lightning.Trainer's own.
+    """A Lightning Trainer with retrofit's defaults; other options are Lightning's.
 
     Args:
         max_steps: optimizer steps to train.
@@ -53,16 +55,20 @@ def trainer(
         accelerator: ``cpu``, ``gpu``, ``auto``, ... (Lightning's).
         callbacks: Lightning callbacks; a bar that counts steps (StepProgressBar) is added unless one is given.
         enable_progress_bar: show the progress bar (None: yes, as Lightning).
+        log_every_n_steps: how often the loggers get the training numbers; None: every 50 steps, or about ten
+            times in a shorter run (retrofit.steps.log_interval).
     """
     callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks or [])
     if enable_progress_bar is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(StepProgressBar())
+    ignore_epoch_warnings()
     return L.Trainer(
         max_steps=max_steps,
         precision=auto_precision(accelerator) if precision in ("auto", None) else precision,
         accelerator=accelerator,
         callbacks=callbacks,
         enable_progress_bar=enable_progress_bar,
+        log_every_n_steps=log_interval(max_steps) if log_every_n_steps is None else log_every_n_steps,
         **kwargs,
     )
 

@@ -2,8 +2,10 @@
 
 import contextlib
 import json
+import logging
 import resource
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +63,16 @@ def tiny_model_dir(folder: Path) -> Path:
     return export(perturb_(timm.create_model("test_vit", pretrained=False, img_size=SIZE)), folder)
 
 
+def uniform_vit_dir(folder: Path) -> Path:
+    """An exported test_vit whose patch tokens are all the same vector, whatever the image: LOST's box is then the
+    whole image and a linear probe predicts one class everywhere, so evaluations have exact answers."""
+    model = perturb_(timm.create_model("test_vit", pretrained=False, img_size=SIZE))
+    with torch.no_grad():
+        model.patch_embed.proj.weight.zero_()  # each patch token is the projection's bias ...
+        model.pos_embed.zero_()  # ... at every position
+    return export(model, folder)
+
+
 def square_scene(
     rng: np.random.Generator,
     width: int = 64,
@@ -110,3 +122,13 @@ def file_size_limit(limit: int) -> Iterator[None]:
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, handler)
+
+
+def lightning_prints_to_stderr(monkeypatch) -> None:
+    """Lightning's log handlers write to the current ``sys.stderr`` (capsys's), not the one they found at import.
+
+    Which of these loggers has a handler depends on whether the root logger had one when Lightning was imported.
+    """
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            monkeypatch.setattr(handler, "stream", sys.stderr)

@@ -15,6 +15,8 @@ from retrofit.metrics import outlier_mask, patch_cosine
 from retrofit.synthetic import plant_artifacts, synthetic_images
 from retrofit.targets import crop_center
 
+from .helpers import lightning_prints_to_stderr
+
 QUIET = dict(enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
 NORM = dict(mean=(0.5,) * 3, std=(0.5,) * 3)  # test_vit's normalisation
 
@@ -54,6 +56,14 @@ def test_image_folder_end_to_end(tmp_path):
         torch.testing.assert_close(patch_features(load(tmp_path / "out"), x), patch_features(model, x))
         assert not torch.equal(patch_features(model, x), patch_features(teacher, x))
     assert count_registers(model) == 2
+
+
+def test_a_bad_data_source_fails_before_the_trainer_says_anything(tmp_path, capsys, monkeypatch):
+    lightning_prints_to_stderr(monkeypatch)
+    teacher = timm.create_model("test_vit", pretrained=False, img_size=32, patch_size=8)
+    with pytest.raises(RetrofitError, match=f"^no images in {tmp_path}: expected files ending in .jpg"):
+        retrofit(teacher, tmp_path, max_steps=1, **QUIET)
+    assert capsys.readouterr().err == ""  # not "GPU available: False, used: False" first
 
 
 def test_settings_are_routed_or_rejected():

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on a tiny model, so that the one-shot GPU check works when a GPU is lent.
 
-Their timings are not checked here (that is what the scripts are for); their quality columns are.
+Their timings are not checked here (that is what the scripts are for); their quality columns are, and the
+figures derived from timings (images/s, the projected GPU-hours) are checked against the timings printed.
 """
 
 import os
@@ -9,12 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def run(*command: str) -> str:
+def run(*command: str, **env: str) -> str:
     done = subprocess.run(command, cwd=BENCH, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -24,17 +27,34 @@ def row(output: str, start: str) -> list[str]:
     return [cell.strip() for cell in line.strip("|").split("|")]
 
 
+def per_second(cells: list[str], batch: int = 4) -> None:
+    """A step row's images/s is its batch over its s/step, within the rounding of both as printed (0.1, 0.001)."""
+    seconds, images = float(cells[1]), float(cells[2])
+    assert batch / (seconds + 0.0005) - 0.05 <= images <= batch / max(seconds - 0.0005, 1e-9) + 0.05, cells
+
+
 def test_gpu_check_smoke_prints_its_table() -> None:
-    out = run("bash", "gpu_check.sh", "--smoke")
+    # PYTHON picks the interpreter: the python on PATH (here not this venv's) would not have retrofit
+    out = run("bash", "gpu_check.sh", "--smoke", PYTHON=sys.executable)
     step = row(out, "test_vit 64px b4, default preset")
-    assert float(step[1]) > 0 and float(step[2]) > 0  # s/step, images/s
+    per_second(step)
+    hours = float(row(out, "projection")[1].split()[0])
+    assert hours == pytest.approx(1000 * float(step[1]) / 3600, abs=0.005 + 1000 * 0.0005 / 3600)  # 1000 steps
     quality = row(out, "targets: cos to the twin")
     bf16, fp32 = (tuple(map(float, re.findall(r"\d\.\d+", cell))) for cell in quality[1:3])
     assert min(fp32) > 0.8 and all(abs(a - b) < 0.05 for a, b in zip(bf16, fp32, strict=True))
     assert "CUDA only" in row(out, "16-mixed")[-1]
-    plain, checkpointed = row(out, "test_vit 64px b4, grad ckpt False"), row(out, "test_vit 64px b4, grad ckpt True")
-    assert float(checkpointed[1]) > 0 and float(plain[1]) > 0
-    assert "GPU-hours" in row(out, "projection")[1]
+    for checkpointing in (False, True):
+        per_second(row(out, f"test_vit 64px b4, grad ckpt {checkpointing}"))
+    assert row(out, "projection")[1].endswith(" GPU-hours on this device")
+
+
+def test_gpu_check_without_retrofit_says_how_to_point_it_at_the_venv() -> None:
+    done = subprocess.run(["bash", "gpu_check.sh"], cwd=BENCH, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHON": "/bin/false"})
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == ("gpu_check.sh: '/bin/false' cannot import retrofit: activate its venv or set "
+                           "PYTHON=/path/to/venv/bin/python\n")
 
 
 def test_train_step_default_row_beats_naive_targets() -> None:

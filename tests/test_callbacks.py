@@ -1,5 +1,8 @@
 """Callbacks inside real Trainer.fit runs (CPU, a few steps, tiny ViTs)."""
 
+import io
+import logging
+import re
 from types import SimpleNamespace
 
 import lightning as L
@@ -10,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from retrofit import RetrofitError, add_registers, load, patch_features
 from retrofit._export import export_config
-from retrofit.callbacks import ArtifactMonitor, NormMapLogger, RegisterExport
+from retrofit.callbacks import ArtifactMonitor, NormMapLogger, RegisterExport, StepProgressBar
 from retrofit.metrics import FeatureFidelity, outlier_mask
 
 from .helpers import planted_vit
@@ -53,8 +56,8 @@ def loader(n: int = 8, batch_size: int = 4) -> DataLoader:
 def fit(module: L.LightningModule, callbacks: list, tmp_path, max_steps: int = 4, **kwargs) -> L.Trainer:
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, callbacks=callbacks, default_root_dir=tmp_path,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        **({"logger": CSVLogger(tmp_path)} | kwargs),
+        enable_checkpointing=False, enable_model_summary=False,
+        **({"logger": CSVLogger(tmp_path), "enable_progress_bar": False} | kwargs),
     )
     trainer.fit(module, loader())
     return trainer
@@ -82,7 +85,7 @@ def test_artifact_monitor_logs_what_the_metrics_say(tmp_path):
     assert module.student.training is False  # restored to the mode it had (eval here, set above)
 
 
-def test_monitor_prefers_targets_and_stops_early(tmp_path):
+def test_monitor_prefers_targets_and_stops_early(tmp_path, caplog):
     calls = []
 
     def targets(images, margin):
@@ -92,8 +95,12 @@ def test_monitor_prefers_targets_and_stops_early(tmp_path):
 
     module = Tiny(targets)
     monitor = ArtifactMonitor(every_n_steps=2, stop_outlier_fraction=1.0, stop_fidelity=-1.0)
-    trainer = fit(module, [monitor], tmp_path, max_steps=10)
+    with caplog.at_level(logging.INFO):
+        trainer = fit(module, [monitor], tmp_path, max_steps=10)
     assert trainer.global_step == 2  # targets met at the first check after training started
+    last = monitor.history[-1]
+    assert f"ArtifactMonitor stopped the run at step 2 of 10: high-norm outliers {100 * last['outlier_high']:.2f}% " \
+           f"<= 100.00% and mean fidelity {last['fidelity_mean']:.3f} >= -1.000." in caplog.messages  # says why
     assert calls == [0]  # reference computed once
     assert monitor.history[0]["fidelity_mean"] < -0.99  # the untrained student vs the negated teacher
 
@@ -187,3 +194,33 @@ def test_register_export_card_and_push(tmp_path, fake_hub, monkeypatch):
     with pytest.raises(RetrofitError, match="needs a Hugging Face token"):
         fit(Tiny(), [RegisterExport(tmp_path / "exp2", push_to_hub="user/tiny")], tmp_path)
     assert not (tmp_path / "exp2").exists()  # refused before training, not after it
+
+
+class BarWatch(L.Callback):
+    """What the progress bar shows after each step: (tasks, total, completed, started at)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float, float, float]] = []
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        tasks = trainer.progress_bar_callback.progress.tasks
+        self.seen.append((len(tasks), tasks[-1].total, tasks[-1].completed, tasks[-1].start_time))
+
+
+def screen(text: str) -> list[str]:
+    """The lines a terminal shows for ``text``: a carriage return starts its line over; colours are dropped."""
+    return [line.rsplit("\r", 1)[-1] for line in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).split("\n")]
+
+
+def test_step_progress_bar_counts_the_whole_run_once_and_log_lines_print_above_it(tmp_path):
+    printed = io.StringIO()
+    watch = BarWatch()
+    bar = StepProgressBar(console_kwargs={"file": printed, "width": 80, "force_terminal": True})
+    monitor = ArtifactMonitor(every_n_steps=4, stop_outlier_fraction=1.0)  # stops after step 4 of 6, and says so
+    fit(Tiny(), [bar, watch, monitor], tmp_path, max_steps=6, enable_progress_bar=True)  # 2 batches per epoch
+    assert [(n, total, done) for n, total, done, _ in watch.seen] == [(1, 6, step) for step in range(1, 5)]
+    assert len({started for *_, started in watch.seen}) == 1  # one bar, never reset at an epoch (nor its clock)
+    shown = [line for line in screen(printed.getvalue()) if line.strip()]
+    assert "ArtifactMonitor stopped the run at step 4 of 6: high-norm outliers " in shown[0]
+    assert shown[-1].startswith("step 4/6 (epoch 1) ━") and len(shown[-1]) <= 80  # the bar, once, whole
+    assert len(shown) == 3 and not any(line.startswith("step ") for line in shown[:-1])  # the stop line: 2 at 80

@@ -21,11 +21,12 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator  # the dev extra installs it
 
 from retrofit import load, patch_features
-from retrofit.cli import console, main
+from retrofit.cli import console, join_number_lists, main
 from retrofit.fit_cli import fit_config
+from retrofit.steps import log_interval
 from retrofit.surgery import count_registers
 
-from .helpers import SIZE, tiny_model_dir, write_images
+from .helpers import SIZE, lightning_prints_to_stderr, tiny_model_dir, uniform_vit_dir, write_images
 
 COMMANDS = (["fit"], ["diagnose"], ["eval", "lost"], ["eval", "probe"], ["export"], ["demo"], ["recipes"], ["recipe"])
 
@@ -109,6 +110,8 @@ def test_export_of_checkpoint_equals_fit_export(fitted: tuple[Path, str], worksp
     original = load(workspace["model"])
     assert not torch.equal(patch_features(ours, images), patch_features(original, images))  # it did train
     assert main(["export", str(ckpt), "--out", str(out)]) == 1  # existing output kept without --overwrite
+    assert capsys.readouterr().err == (f"retrofit: error: {out} already exists and is not empty: choose another "
+                                       "directory, or replace it with --overwrite true (overwrite=True in Python).\n")
 
 
 EXPORT_ONLY = ("import json, sys; from retrofit.cli import main; code = main(sys.argv[1:]); "
@@ -196,6 +199,44 @@ def test_offline_fit_fails_fast_naming_fits_flag(workspace: dict[str, Path], mon
     assert err.count("\n") == 1 and "HF_HUB_OFFLINE is set" in err and "--model.checkpoint PATH in retrofit fit" in err
 
 
+@pytest.mark.parametrize("wrong", ["data", "ckpt"])
+def test_errors_before_training_come_before_anything_lightning_prints(
+    wrong: str, workspace: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lightning_prints_to_stderr(monkeypatch)
+    gone, empty = workspace["root"] / "gone", workspace["root"] / "empty"
+    empty.mkdir(exist_ok=True)
+    extra = {"data": ["--data.source", str(empty)], "ckpt": ["--ckpt_path", f"{gone}.ckpt"]}[wrong]
+    assert main(fit_args(workspace, "early", *extra)) == 1
+    expected = {"data": f"no images in {empty}: expected files ending in .jpg, .jpeg, .png, .webp, .bmp, .tif, .tiff.",
+                "ckpt": f"checkpoint {gone}.ckpt does not exist: pass a .ckpt from a run's checkpoints folder."}
+    assert capsys.readouterr().err.splitlines() == [f"retrofit: error: {expected[wrong]}"]  # no "Seed set to 0" first
+
+
+def test_log_interval_is_lightnings_unless_the_run_is_short() -> None:
+    assert [log_interval(n) for n in (3, 40, 499, 500, 1000, 5000, -1)] == [1, 4, 49, 50, 50, 50, 50]
+
+
+def test_a_short_run_with_default_logging_writes_metrics_and_its_resume_warns_about_nothing(
+    workspace: dict[str, Path], monkeypatch: pytest.MonkeyPatch, recwarn: pytest.WarningsRecorder,
+) -> None:
+    monkeypatch.chdir(workspace["root"])  # a relative run folder, as a person types it
+    args = fit_args(workspace, "", "--trainer.max_steps", "30", "--trainer.log_every_n_steps", "null",
+                    "--trainer.default_root_dir", "short")
+    with redirect_stdout(io.StringIO()):
+        assert main(args) == 0  # 8 images in batches of 4: 2 batches per epoch, fewer than the logging interval
+        run = Path("short/lightning_logs/version_0")
+        rows = list(csv.DictReader((run / "metrics.csv").open()))
+        assert [int(r["step"]) for r in rows if r.get("train/loss")] == list(range(2, 30, 3))  # every 3rd of 30
+        ckpt = next((run / "checkpoints").glob("*.ckpt"))
+        assert main(["fit", "--config", str(run / "config.yaml"), "--trainer.max_steps", "33", "--ckpt_path",
+                     str(ckpt)]) == 0
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == list(range(2, 33, 3))  # appended to, in place
+    noise = ("smaller than the logging interval", "exists and is not empty")
+    assert not [str(w.message) for w in recwarn if any(n in str(w.message) for n in noise)]
+
+
 def test_print_config_resolves_overrides(workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(fit_args(workspace, "print", "--model.num_registers", "16", "--print_config")) == 0
     config = yaml.safe_load(capsys.readouterr().out)
@@ -223,13 +264,22 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 0
     listing = capsys.readouterr().out
     assert all(f"    {c[0]} " in listing for c in COMMANDS)
+    assert not re.search(r"^  --(config|print_config)|\[--config", listing, re.M)  # they did nothing there
 
 
-def test_fit_help_names_the_options_without_listing_classes(capsys: pytest.CaptureFixture[str]) -> None:
+def test_fit_help_names_the_options_without_listing_classes(capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
     assert main(["fit", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "--model.num_registers" in out and "--trainer.max_steps" in out and "default: 1000" in out
-    assert "torch.nn.modules" not in out and len(out.splitlines()) < 700  # was 2,170 lines: every nn.Module
+    lines = out.splitlines()
+    assert "--model.num_registers" in out and "--trainer.max_steps" in out and "default: 1000" in " ".join(out.split())
+    assert "torch.nn.modules" not in out and len(lines) < 600  # was 2,170 lines: every nn.Module
+    first = {o: next(i for i, line in enumerate(lines) if line.lstrip().startswith(o))
+             for o in ("--model.", "--data.", "--trainer.")}
+    assert first["--model."] < 40 and first["--model."] < first["--data."] < first["--trainer."]  # was line 473
+    assert not re.search(r"``|:(func|mod|class|meth):|configure_for", out), "Sphinx markup or internals"
+    assert max(len(line) for line in lines) <= 80 and lines[0].startswith("usage: retrofit fit [--config RECIPE")
     assert main(["fit", "--model.targets.help", "TargetSettings"]) == 0  # field docstrings of TargetSettings
     assert "Views per image, the unshifted one included" in capsys.readouterr().out
 
@@ -241,6 +291,31 @@ def test_unknown_command_and_missing_model_are_one_line(tmp_path: Path, capsys: 
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 3 and "invalid choice: 'trian'" in lines[0] and "--checkpoint PATH elsewhere" in lines[1]
     assert "did you mean --images?" in lines[2]
+
+
+@pytest.mark.parametrize(
+    ("given", "read"),
+    [(["11"], ["--layers=[11]"]), (["4", "11"], ["--layers=[4,11]"]), (["-1"], ["--layers=[-1]"]),
+     (["4,11"], ["--layers=[4,11]"]), (["[4, 11]"], ["--layers", "[4, 11]"]), (["=4,11"], ["--layers=[4,11]"])],
+)
+def test_layers_take_plain_numbers(given: list[str], read: list[str]) -> None:
+    args = ["diagnose", "m", "--layers", *given, "--k", "2"]
+    if given[0].startswith("="):
+        args[2:4] = [f"--layers{given[0]}"]
+    assert join_number_lists(args, {"--layers"}) == ["diagnose", "m", *read, "--k", "2"]
+
+
+def test_diagnose_layers_as_a_person_types_them(workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    out, model, images = workspace["root"] / "layers", str(workspace["model"]), str(workspace["images"])
+    args = ["diagnose", model, "--images", images, "--out", str(out), "--max_images", "2"]
+    assert main([*args, "--layers", "4", "-1"]) == 0
+    report = json.loads((out / "diagnose.json").read_text())
+    assert [entry["layer"] for entry in report["models"][0]["layers"]] == [4, 5]
+    assert main([*args, "--layers", "four"]) == 1
+    assert capsys.readouterr().err == ("retrofit: error: invalid configuration: --layers does not take 'four': it "
+                                       "takes list[int] or null (`retrofit diagnose --help` lists the options).\n")
+    assert main(["diagnose", "--help"]) == 0
+    assert "e.g. --layers 11 or --layers 4 11" in " ".join(capsys.readouterr().out.split())
 
 
 def test_diagnose_compare_writes_json_pngs_and_page_and_fits_80_columns(compared: tuple[Path, str]) -> None:
@@ -296,30 +371,50 @@ def test_export_with_diagnose_card_and_push(fitted: tuple[Path, str], compared: 
     assert json.loads(upload["files"]["config.json"])["model_args"]["reg_tokens"] == 2
 
 
-def test_eval_lost_and_probe(workspace: dict[str, Path]) -> None:
+def test_eval_lost_and_probe_give_the_known_answers(workspace: dict[str, Path]) -> None:
     root, images = workspace["root"], workspace["images"]
-    boxes = {p.name: [[8, 8, 40, 40]] for p in images.glob("*.png")}
+    uniform = uniform_vit_dir(root / "uniform")  # LOST finds the whole image; the probe, one class everywhere
+    names = sorted(p.name for p in images.glob("*.png"))
+    whole, corner = [0, 0, SIZE, SIZE], [0, 0, SIZE // 8, SIZE // 8]
+    boxes = {name: [whole if i < 4 else corner] for i, name in enumerate(names)}
     (root / "boxes.json").write_text(json.dumps(boxes))
     lost_out = root / "lost.json"
-    args = ["eval", "lost", str(workspace["model"]), "--dataset", str(images), "--boxes", str(root / "boxes.json"),
+    args = ["eval", "lost", str(uniform), "--dataset", str(images), "--boxes", str(root / "boxes.json"),
             "--k", "3", "--out", str(lost_out)]
     assert main(args) == 0
     lost = json.loads(lost_out.read_text())
-    assert lost["n"] == 8 and 0 <= lost["corloc"] <= 1 and len(lost["per_image"]) == 8
+    assert [p["box"] for p in lost["per_image"]] == [whole] * 8
+    assert [p["iou"] for p in lost["per_image"]] == pytest.approx([1.0] * 4 + [1 / 64] * 4)
+    assert (lost["n"], lost["corloc"]) == (8, 0.5)  # the whole image is found; the corner boxes are missed
 
     seg = root / "seg"
     write_images(seg / "images", 6)
     (seg / "masks").mkdir()
     for i in range(6):
         mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
-        mask[SIZE // 2:] = 1
+        mask[SIZE * 3 // 4:] = 1  # a quarter of each image is class 1
         Image.fromarray(mask).save(seg / "masks" / f"img{i:02d}.png")
     probe_out = root / "probe.json"
-    args = ["eval", "probe", str(workspace["model"]), "--train", str(seg), "--val", str(seg), "--num_classes", "2",
-            "--epochs", "2", "--out", str(probe_out)]
+    args = ["eval", "probe", str(uniform), "--train", str(seg), "--val", str(seg), "--num_classes", "2",
+            "--epochs", "5", "--lr", "0.1", "--out", str(probe_out)]
     assert main(args) == 0
     probe = json.loads(probe_out.read_text())
-    assert probe["n_train"] == 6 and 0 <= probe["miou"] <= 1
+    assert probe["n_train"] == 6 and probe["per_class_iou"] == [0.75, 0.0]  # class 0 everywhere: 3/4 right
+    assert (probe["miou"], probe["accuracy"]) == (0.375, 0.75)
+
+
+def test_eval_on_a_folder_without_annotations_names_the_option_that_gives_them(
+    workspace: dict[str, Path], capsys: pytest.CaptureFixture[str],
+) -> None:
+    model, images = str(workspace["model"]), workspace["images"]
+    assert main(["eval", "lost", model, "--dataset", str(images)]) == 1
+    assert main(["eval", "probe", model, "--train", str(images), "--val", str(images), "--num_classes", "2"]) == 1
+    assert capsys.readouterr().err.splitlines() == [  # not "set boxes_column to one of image", after HF's progress
+        f"retrofit: error: {images} holds images but no boxes: pass --boxes FILE (boxes= in Python) with a JSON "
+        f'{{"relative/path.jpg": [[x0, y0, x1, y1], ...]}}, or save that file as {images}/boxes.json.',
+        f"retrofit: error: {images} holds images but no masks: put the images in {images}/images and their masks "
+        f"in {images}/masks (same relative paths), or pass masks= in Python.",
+    ]
 
 
 def test_diagnose_and_eval_skip_and_count_unreadable_images(workspace: dict[str, Path],

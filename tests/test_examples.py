@@ -1,6 +1,7 @@
 """Every example script runs as its docstring says, here on a tiny test_vit and made-up images."""
 
 import json
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -35,7 +36,9 @@ def test_python_api_then_diagnose_and_evaluate(inputs, monkeypatch, capsys) -> N
                 "--img-size", str(SIZE), "--steps", "2", "--batch-size", "3", "--registers", "2",
                 monkeypatch=monkeypatch)
     assert count_registers(load(out)) == 2
-    assert "timm reload gives identical features: True" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "timm reload gives identical features: True" in printed.out
+    assert re.search(r"^step [12]/2 \(epoch 0\) ━", printed.out, re.M) and "Epoch" not in printed.out + printed.err
 
     report_dir = inputs["root"] / "diagnose"
     run_example("diagnose_and_evaluate.py", str(inputs["model"]), str(out), str(inputs["images"]),
@@ -54,4 +57,6 @@ def test_lightning_callbacks(inputs, monkeypatch, capsys) -> None:
                 monkeypatch=monkeypatch)
     assert count_registers(load(out / "model")) == 4
     assert len(list((out / "norm_maps").glob("*.png"))) >= 2
-    assert "outlier_high: step 0" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "outlier_high: step 0" in printed.out
+    assert re.search(r"^step [12]/2 \(epoch 0\) ━", printed.out, re.M) and "Epoch" not in printed.out + printed.err

@@ -17,8 +17,12 @@ def test_installed_wheel_lists_recipes_and_fits_from_a_recipe_name(tmp_path: Pat
     # The build backend is already installed (dev extra), so no index is needed here.
     subprocess.run([*pip, "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-w", str(dist)], check=True)
     wheel = next(dist.glob("retrofit-*.whl"))
-    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("retrofit/recipes/")}
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {name for name in names if name.startswith("retrofit/recipes/")}
     assert {f"retrofit/recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml")} <= shipped
+    license_file = next(name for name in names if name.endswith(".dist-info/licenses/LICENSE"))  # as declared
+    assert zipfile.ZipFile(wheel).read(license_file).decode() == (ROOT / "LICENSE").read_text()
+    assert (ROOT / "LICENSE").read_text().split()[:4] == ["Apache", "License", "Version", "2.0,"]
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)
 
     elsewhere.mkdir()

@@ -33,8 +33,9 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 
 from ..errors import RetrofitError
-from ..hf import open_split
+from ..hf import is_saved_dataset, open_split
 from ..images import (
+    IMAGE_SUFFIXES,
     ImageLog,
     UnreadableImage,
     data_config,
@@ -92,6 +93,10 @@ def box_dataset(
         boxes = Path(spec, BOXES_FILE)
     if boxes is not None:
         return _folder_boxes(Path(spec), Path(boxes), box_format)
+    if _unlabelled(spec):
+        raise RetrofitError(f"{spec} holds images but no boxes: pass --boxes FILE (boxes= in Python) with a JSON "
+                            f'{{"relative/path.jpg": [[x0, y0, x1, y1], ...]}}, or save that file as '
+                            f"{Path(spec, BOXES_FILE)}.")
     return _hf_dataset(spec, split, image_column, boxes_column, "boxes_column",
                        lambda raw, image, where: _boxes(raw, box_format, image, where))
 
@@ -112,7 +117,19 @@ def mask_dataset(
         spec, masks = Path(spec, IMAGES_DIR), Path(spec, MASKS_DIR)
     if masks is not None:
         return _folder_masks(Path(spec), Path(masks))
+    if _unlabelled(spec):
+        raise RetrofitError(f"{spec} holds images but no masks: put the images in {Path(spec, IMAGES_DIR)} and "
+                            f"their masks in {Path(spec, MASKS_DIR)} (same relative paths), or pass masks= in Python.")
     return _hf_dataset(spec, split, image_column, mask_column, "mask_column", _mask)
+
+
+def _unlabelled(spec: str | Path) -> bool:
+    """A folder of images without the metadata file a Hugging Face image folder keeps its annotations in: nothing
+    there says where the objects are (opening it as a dataset found a lone image column)."""
+    root = Path(spec)
+    if not root.is_dir() or is_saved_dataset(root) or any(root.rglob("metadata.*")):
+        return False
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.rglob("*"))
 
 
 def batches(

@@ -6,7 +6,6 @@ The wheel ships those files inside this package (hatchling ``force-include``), s
 
 from __future__ import annotations
 
-import textwrap
 from importlib.resources import files
 from pathlib import Path
 
@@ -65,25 +64,6 @@ def trainable_parameters(model: Namespace) -> tuple[int, int]:
         student = RetrofitModule(arch, **settings).student
     params = list(student.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def fold_comments(text: str, width: int) -> str:
-    """The YAML with long comments continued on comment lines below, aligned: still valid YAML, and
-    nothing is cut or broken mid-word at ``width`` columns."""
-    out = []
-    for line in text.splitlines():
-        if line.lstrip().startswith("#"):  # a comment line
-            column = len(line) - len(line.lstrip())
-            first, sep, comment = " " * column + "# ", True, line.lstrip().removeprefix("#").strip()
-        else:  # a key with a comment after it
-            code, sep, comment = line.partition(" # ")
-            column, first = len(code) + 1, f"{code} # "
-        if not sep or len(line) <= width or width - column < 16:
-            out.append(line)
-            continue
-        chunks = textwrap.wrap(comment, width - column - 2, break_long_words=False, break_on_hyphens=False)
-        out += [first + chunks[0]] + [f"{' ' * column}# {chunk}" for chunk in chunks[1:]]
-    return "\n".join(out)
 
 
 def _short(x: float) -> str:
