@@ -41,7 +41,8 @@ def build_teacher(name: str, img_size: int, depth: int | None, artifacts: bool, 
     kwargs: dict[str, Any] = {"img_size": img_size} | ({"depth": depth} if depth else {})
     torch.manual_seed(0)
     base = timm.create_model(name, pretrained=False, **kwargs).eval()
-    return plant_artifacts(base, silent=not artifacts).to(device)
+    # final_norm: outliers in the final features, where the view targets look for them (the figures time them)
+    return plant_artifacts(base, final_norm=True, silent=not artifacts).to(device)
 
 
 def view_margin(teacher: nn.Module, img_size: int) -> int:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from retrofit import patch_features, retrofit
 from retrofit.metrics import outlier_mask, repair_scores
-from retrofit.neurons import find_register_neurons, test_time_registers
+from retrofit.neurons import find_register_neurons, silenced, test_time_registers
 from retrofit.residual import blocks_text, residual_norms, residual_profile
 from retrofit.synthetic import plant_artifacts
 
@@ -257,12 +257,13 @@ def main() -> None:
 
     # training-free: test-time registers on the units found on the training crops, as fit would find them
     neurons = find_register_neurons(planted, calibration)
-    ttr = "test-time registers, no training"
+    ttr, off = "test-time registers, no training", "found units switched off, no training"
+    edits = {ttr: lambda model: test_time_registers(model, neurons), off: lambda model: silenced(model, neurons)}
 
     # (name, teacher, ready model or None to retrofit the teacher, settings); scored against the truth, except
     # the no-harm run: the unplanted DINOv2 retrofitted and scored against itself
     runs: list[tuple[str, nn.Module, nn.Module | None, dict[str, Any]]] = [
-        ("planted, before", planted, planted, {}), (ttr, planted, planted, {})]
+        ("planted, before", planted, planted, {}), (ttr, planted, planted, {}), (off, planted, planted, {})]
     if not args.no_defaults:
         runs.append(("defaults", planted, None, {}))
     if args.no_harm:
@@ -286,7 +287,7 @@ def main() -> None:
         reference = truth if teacher is planted else base
         for set_name, images in sets.items():
             mask = artifacts[set_name] if teacher is planted else torch.zeros_like(artifacts[set_name])
-            with test_time_registers(model, neurons) if name == ttr else contextlib.nullcontext():
+            with edits[name](model) if name in edits else contextlib.nullcontext():
                 r = repair(model, reference, images, mask)
             print(f"| {name} | {set_name} | {100 * r['outliers']:.2f}% / {100 * r['stream_outliers']:.2f}% "
                   f"| {r['cos']:.3f} | {r['cos_p5']:.3f} | {r['cos_artifacts']:.3f} | {r['cos_neighbours']:.3f} "

@@ -47,6 +47,13 @@ class PlainHelpFormatter(DefaultHelpFormatter):
     def _format_text(self, text: str) -> str:
         return super()._format_text(plain_text(text))
 
+    def _format_action_invocation(self, action: Action) -> str:
+        """A list option without its ``--name+ VALUE`` (append) twin, so the line fits 80 columns."""
+        strings = [s for s in action.option_strings if not s.endswith("+")]
+        if len(strings) == len(action.option_strings) or not strings:
+            return super()._format_action_invocation(action)
+        return f"{', '.join(strings)} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
 
 class Strict:
     """Parser mixin: options are never abbreviated, help is plain text, and every error is one RetrofitError line

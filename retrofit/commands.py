@@ -155,7 +155,7 @@ def neurons_command(
                                   names=[p.relative_to(root).as_posix() for p in paths])
     peak = max(found.profile.outliers, default=0.0)
     console.print(f"{_label(model)}: {len(batch)} images, up to {100 * peak:.2f}% high-norm outliers in the residual "
-                  f"stream; {found.describe()}", soft_wrap=True)
+                  f"stream; {found.describe()}")
     if found.count:
         table = Table(title="Register neurons")
         for head in ("block", "unit", "score", "lift", "aligned", "sparsity"):

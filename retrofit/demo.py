@@ -41,7 +41,8 @@ def demo_models(seed: int = 0) -> tuple[nn.Module, nn.Module]:
     """The artifact model and its artifact-free twin (same weights, artifact unit off)."""
     torch.manual_seed(seed)
     base = timm.create_model("test_vit", pretrained=False, img_size=SIZE, patch_size=PATCH).eval()
-    return plant_artifacts(base, seed=seed), plant_artifacts(base, seed=seed, silent=True)
+    shown = dict(seed=seed, final_norm=True)  # the final norm shows them, so the maps do
+    return plant_artifacts(base, **shown), plant_artifacts(base, **shown, silent=True)
 
 
 def _images(n: int, size: int, seed: int, model: nn.Module) -> torch.Tensor:

@@ -264,6 +264,41 @@ def _move_to_registers(units: list[int], prefix: int, count: int):
     return hook
 
 
+def _silence(units: list[int]):
+    """fc2 pre-hook: the units' activations are 0 on every token."""
+    index: dict[torch.device, Tensor] = {}
+
+    def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        h = args[0].clone()
+        if h.device not in index:
+            index[h.device] = torch.tensor(units, device=h.device)
+        h[..., index[h.device]] = 0
+        return (h, *args[1:])
+
+    return hook
+
+
+@contextmanager
+def silenced(model: nn.Module, neurons: RegisterNeurons) -> Iterator[nn.Module]:
+    """``model`` with the register neurons switched off on every token: the artifacts they make never form, nor
+    what they write into the other tokens through attention. No token takes their activations over (unlike
+    :func:`test_time_registers`), so nothing new joins attention. On exit the model is exactly as it was."""
+    fc2s = _mlp_inputs(model)
+    _check_blocks(neurons, len(fc2s))
+    with ExitStack() as stack:
+        for b, units in neurons.units.items():
+            if units:
+                stack.callback(fc2s[b].register_forward_pre_hook(_silence(units)).remove)
+        yield model
+
+
+def _check_blocks(neurons: RegisterNeurons, depth: int) -> None:
+    bad = [b for b in neurons.units if not 0 <= b < depth]
+    if bad:
+        raise RetrofitError(f"register neurons name block {bad[0]}, but the model has blocks 0..{depth - 1}: "
+                            "find them on this model.")
+
+
 def _hide_keys(start: int, stop: int):
     """attn pre-hook (with kwargs): no query attends to tokens start..stop-1 (empty register slots)."""
 
@@ -298,10 +333,7 @@ def test_time_registers(model: nn.Module, neurons: RegisterNeurons, num_register
     if num_registers < 1:
         raise RetrofitError(f"num_registers must be >= 1, got {num_registers}.")
     fc2s = _mlp_inputs(model)
-    bad = [b for b in neurons.units if not 0 <= b < len(fc2s)]
-    if bad:
-        raise RetrofitError(f"register neurons name block {bad[0]}, but the model has blocks 0..{len(fc2s) - 1}: "
-                            "find them on this model.")
+    _check_blocks(neurons, len(fc2s))
     prefix, count = model.num_prefix_tokens, num_registers
     original, own_method = model._pos_embed, "_pos_embed" in vars(model)  # the latter when contexts nest
     first = min((b for b, u in neurons.units.items() if u), default=len(fc2s))

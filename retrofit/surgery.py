@@ -102,12 +102,13 @@ def _init_registers(
             raise RetrofitError("init='cls' needs a class token and this model has none: use init='randn'.")
         return sd["cls_token"].float().cpu().expand(1, n, dim).clone()
     if init == "mean_patch":
-        # Input-layer token of a mean-valued (all-zero after normalisation) image, averaged over positions.
+        # Input-layer token of a mean-valued (all-zero after normalisation) image, averaged over positions: a token
+        # like a blank patch joins attention about as a patch does. timm's tiny noise keeps the registers apart.
         bias = getattr(model.patch_embed.proj, "bias", None)
         token = torch.zeros(dim) if bias is None else bias.detach().float().cpu()
         if sd.get("pos_embed") is not None:
             token = token + sd["pos_embed"].float().cpu().mean(dim=(0, 1))
-        return token.expand(1, n, dim).clone()
+        return token + torch.randn(1, n, dim, generator=generator) * 1e-6
     raise RetrofitError(f"unknown register init {init!r}: choose one of randn, zeros, cls, mean_patch, timm.")
 
 

@@ -15,8 +15,9 @@ patches, so mapping every view back onto the original grid and averaging per pat
   strip is filled with 0 (the mean after normalisation) and hidden from the teacher's attention,
   because constant fill makes flat patches, exactly where artifacts form.
 
-With register neurons (:mod:`retrofit.neurons`) the teacher runs with test-time registers: most of its
-artifacts never form, and shifted views are only drawn for the images where some remain.
+With register neurons (:mod:`retrofit.neurons`) the teacher runs with them switched off (or, with
+``neurons="move"``, moved onto a test-time register): its artifacts mostly never form, and shifted views are only
+drawn for the images where some remain.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +37,12 @@ from torch import Tensor, nn
 from .errors import RetrofitError
 from .features import block_indices, dynamic_input, forward_tokens, grid_size, patch_size
 from .metrics import outlier_masks
-from .neurons import RegisterNeurons, test_time_registers
+from .neurons import RegisterNeurons, silenced, test_time_registers
 from .surgery import check_supported
 
 # Bump when the way targets are computed changes, so caches made by older code are never read.
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2
+NeuronEdit = Literal["silence", "move"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,11 @@ class TargetSettings:
     mask_outliers: bool = True
     """Hide the teacher's outlier tokens from its attention (a second forward), so that the other tokens' targets
     do not carry what the artifacts wrote into them."""
+    neurons: NeuronEdit = "silence"
+    """What the teacher does with the register neurons it is given: ``silence`` switches them off on every token
+    (their artifacts never form, nor what those write into the other tokens: the patch features the model has
+    without them); ``move`` gives their activations to a test-time register (Jiang et al.), which keeps the global
+    information they carried in that token but lets every patch token read it."""
     bf16: bool | None = None
     """Run the teacher's forwards under bf16 autocast; targets stay float32. None: where bf16 is native (CUDA, or a
     CPU with AVX512-BF16/AMX), never where it would be emulated (about 7x slower)."""
@@ -81,6 +89,7 @@ class TargetSettings:
             (self.outlier_k > 1, f"outlier_k must be > 1, got {self.outlier_k}"),
             (self.min_clean_views >= 0, f"min_clean_views must be >= 0, got {self.min_clean_views}"),
             (self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}"),
+            (self.neurons in ("silence", "move"), f"neurons must be 'silence' or 'move', got {self.neurons!r}"),
         )
         for ok, problem in checks:
             if not ok:
@@ -335,10 +344,12 @@ class DenoisedTargets:
         _check_views(views, len(images), grid)
         self.teacher.eval()
         use_bf16 = self._use_bf16(ref.device)
-        # with register neurons the teacher runs with test-time registers: its artifacts mostly never form, and
-        # views are only drawn for the images where some remain
-        moved = self.neurons is not None and self.neurons.count > 0
-        registers = test_time_registers(self.teacher, self.neurons) if moved else contextlib.nullcontext()
+        # with register neurons the teacher's artifacts mostly never form; views are drawn for the images where some
+        # remain
+        registers = contextlib.nullcontext()
+        if self.neurons is not None and self.neurons.count > 0:
+            edit = silenced if self.settings.neurons == "silence" else test_time_registers
+            registers = edit(self.teacher, self.neurons)
         bf16 = torch.autocast(ref.device.type, torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         with torch.inference_mode(), bf16, registers:
             targets = self._compute(images, center, margin, views, grid)

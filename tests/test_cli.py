@@ -325,7 +325,7 @@ def test_diagnose_compare_writes_json_pngs_and_page_and_fits_80_columns(compared
     assert [m["label"] for m in report["models"]] == ["model", "original"]
     assert len(list(out.glob("0*_img*.png"))) >= 3 and len(report["images"]) == 3
     assert 0 < report["cosine"]["p5"] <= report["cosine"]["mean"] <= 1
-    assert (out / "index.html").read_text().count('<img src="data:image/png;base64,') == 6  # maps + heads
+    assert (out / "index.html").read_text().count('<img src="data:image/png;base64,') == 7  # + residual.png
     table = printed.split("wrote ")[0]  # the last line names paths and is left for the terminal to wrap
     assert "…" not in table and max(len(line) for line in table.splitlines()) <= 80
     last = report["models"][0]["layers"][-1]

@@ -96,7 +96,10 @@ def spread_plant(size: int = 32) -> torch.nn.Module:
 
 
 def first_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(("Artifact source", "Resumed"))]
+    """The run's first lines said, each joined back into one line of text."""
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("Artifact source", "Resumed"))]
+    assert all(len(row) <= 80 for line in said for row in line.splitlines())  # whole words in 80 columns
+    return [" ".join(line.split()) for line in said]
 
 
 def test_auto_trains_the_registers_and_the_blocks_where_the_artifacts_build(caplog):
@@ -111,8 +114,8 @@ def test_auto_trains_the_registers_and_the_blocks_where_the_artifacts_build(capl
     assert found.images == [f"tensor:{i}" for i in range(12)]  # 12 training images over 3 batches, by key
     said = first_lines(caplog)
     assert len(said) == 1 and said[0].startswith("Artifact source (12 training images): up to ")
-    assert f"artifacts build in blocks 2-3, {found.count} register neurons (the teacher's targets use them); " \
-           "training the registers and blocks 2-3." in said[0]
+    assert f"artifacts build in blocks 2-3, {found.count} register neurons (switched off in the targets, off in " \
+           "the student from the start); training the registers and blocks 2-3." in said[0]
     caplog.clear()
     clean = RetrofitModule(vit(), targets=FAST)
     trainer(1).fit(clean, datamodule=data())

@@ -38,11 +38,12 @@ def test_page_is_self_contained_with_the_report_numbers(page):
     text = page.read_text()
     report = json.loads((page.parent / "diagnose.json").read_text())
     sources = re.findall(r'(?:src|href)="([^"]*)"', text)
-    assert len(sources) == 2 and all(s.startswith("data:image/png;base64,") for s in sources)  # no file, no URL
+    assert len(sources) == 3 and all(s.startswith("data:image/png;base64,") for s in sources)  # no file, no URL
     assert "<script" not in text
-    for figure in report["figures"]:  # each PNG diagnose wrote is on the page, byte for byte
-        for name in (figure["png"], figure["heads_png"]):
-            assert base64.b64encode((page.parent / name).read_bytes()).decode() in text
+    for name in ("residual.png", *(n for f in report["figures"] for n in (f["png"], f["heads_png"]))):
+        assert base64.b64encode((page.parent / name).read_bytes()).decode() in text  # each PNG, byte for byte
+    residual = report["models"][0]["residual"]  # the per-block table of the residual stream
+    assert "Residual stream per block" in text and f"<td>{residual['max_ratio'][-1]:.1f}</td>" in text
     assert "&lt;b&gt;&amp;.png" in text and "<b>&.png" not in text  # names are escaped
     before = report["models"][0]["layers"][-1]
     assert f"<td>{before['max']:.3g}</td>" in text and f'<td class="bad">{100 * before["high"]:.2f}%</td>' in text
@@ -58,4 +59,4 @@ def test_page_renders_its_images_in_a_headless_browser(page, tmp_path):
     if "<body" not in run.stdout:
         pytest.skip(f"{BROWSER} did not start here: {run.stderr.strip().splitlines()[-1:]}")
     sizes = json.loads(html.unescape(re.search(r'data-images="([^"]*)"', run.stdout)[1]))
-    assert len(sizes) == 2 and all(w > 100 and h > 100 for w, h in sizes)  # every figure decoded and laid out
+    assert len(sizes) == 3 and all(w > 100 and h > 100 for w, h in sizes)  # every figure decoded and laid out
