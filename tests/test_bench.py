@@ -4,6 +4,7 @@ Their timings are not checked here (that is what the scripts are for); their qua
 figures derived from timings (images/s, the projected GPU-hours) are checked against the timings printed.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -67,3 +68,30 @@ def test_train_step_default_row_beats_naive_targets() -> None:
     phases = [row(out, name) for name in ("teacher targets", "student forward", "student backward")]
     assert abs(sum(int(p[2].rstrip("%")) for p in phases) - 100) <= 2
     assert "later / first" in out
+
+
+def test_acceptance_table_checks_each_form_against_the_thresholds(tmp_path: Path) -> None:
+    def lines(form: str, cos_artifacts: float, stream: float, no_harm_p5: float | None = None) -> list[str]:
+        base = {"settings": {}, "form": form, "found": "artifacts build in block 4, 4 register neurons",
+                "outliers": 0.0, "cos_p5": 0.99, "cos_neighbours": 0.99, "cos_elsewhere": 0.99}
+        rows = [{"run": run, "set": s, "wall_s": 90.0, **base, "stream_outliers": stream if run == "defaults" else 0.02,
+                 "cos": 0.99, "cos_artifacts": cos_artifacts if run == "defaults" else 0.1}
+                for run in ("planted, before", "test-time registers, no training", "defaults")
+                for s in ("held-out 112px", "held-out 168px", "training crops")]
+        if no_harm_p5 is not None:
+            rows += [{**base, "run": "no harm: unplanted DINOv2, defaults", "set": s, "wall_s": 60.0,
+                      "stream_outliers": 0.0, "cos": 0.995, "cos_p5": no_harm_p5}
+                     for s in ("held-out 112px", "held-out 168px")]
+        return [json.dumps(r) for r in rows]
+
+    path = tmp_path / "runs.jsonl"
+    path.write_text("\n".join(lines("good", 0.95, 0.0, no_harm_p5=0.96) + lines("weak", 0.85, 0.0)
+                              + lines("leaky", 0.95, 0.006) + lines("weak", 0.91, 0.0)) + "\n")  # a rerun replaces
+    out = run(sys.executable, "acceptance.py", str(path))
+    assert [row(out, form)[-1] for form in ("good", "weak", "leaky")] == ["yes", "yes", "**no**"]
+    assert row(out, "good")[4:6] == ["0.00% / 0.00%", "0.00% / 0.00%"]
+    assert "0.995 mean, 0.960 p5" in out and out.rstrip().endswith("3 of 4 pass.")
+    missing = subprocess.run([sys.executable, "acceptance.py", str(tmp_path / "none.jsonl")], cwd=BENCH,
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.splitlines()[-1].endswith(
+        "none.jsonl; write it with real_weights.py --out FILE")

@@ -124,6 +124,17 @@ def test_auto_trains_the_registers_and_the_blocks_where_the_artifacts_build(capl
     assert len(said) == 1 and "residual stream, no artifacts; training the registers." in said[0]
 
 
+def test_a_plain_dataloader_gives_the_images_too():
+    """fit(train_dataloaders=...) without a datamodule: Lightning 2.6 keeps that loader only in
+    fit_loop._data_source, which the search reads (module.py, _source_images)."""
+    teacher, dm = spread_plant(), data(n=16)
+    dm.configure_for(teacher, 0)
+    dm.setup("fit")
+    module = RetrofitModule(teacher, lr=1e-2, min_lr=1e-3, targets=FAST, source_images=10)
+    trainer(1).fit(module, train_dataloaders=dm.train_dataloader())
+    assert module.artifact_blocks == [2, 3] and module.artifact_source.images == [f"tensor:{i}" for i in range(10)]
+
+
 @pytest.mark.parametrize("settings", [
     dict(loss_layers=[-1]),  # the last block is the output itself
     dict(loss_layers=[5, 2, -4, 2]),  # the last block, duplicates, a negative index
