@@ -175,8 +175,9 @@ class RetrofitModule(L.LightningModule):
             reads a ``retrofit neurons`` file (which also says where they build), None uses none.
         neuron_targets: the teacher runs with test-time registers on those units while making targets: its
             artifacts mostly never form, so most images need one teacher forward instead of shifted views.
-        ablate_neurons: switch those units off in the student before training: it starts where the targets are
-            (they are made with the units switched off, ``targets.neurons``), so it only has to learn what they miss.
+        ablate_neurons: switch those units off in the student and keep them off (their ``fc2`` columns get no
+            gradient): it starts where the targets are (they are made with the units switched off,
+            ``targets.neurons``), so it only has to learn what they miss.
         targets: how denoised targets are made (views, shifts, outlier handling): :class:`TargetSettings`.
         cache_dir: store each image's targets here and reuse them (needs deterministic crops); None
             computes targets for every batch.
@@ -387,7 +388,7 @@ class RetrofitModule(L.LightningModule):
             uses.append("switched off in the targets" if edit == "silence" else "moved to a test-time register "
                         "in the targets")
         if self.hparams.ablate_neurons:
-            uses.append("off in the student from the start")
+            uses.append("kept off in the student")
         return f" ({', '.join(uses)})" if uses else ""
 
     def _source_images(self) -> tuple[Tensor, list[str]]:
@@ -481,6 +482,17 @@ class RetrofitModule(L.LightningModule):
 
     def _teacher_keys(self) -> Iterator[str]:
         return (f"teacher.{k}" for k in self.teacher.state_dict())
+
+    def on_after_backward(self) -> None:
+        """Keep the switched-off units off: their ``fc2`` columns get no gradient, so they stay exactly zero (AdamW
+        moves a weight with no gradient, no moments and no value by nothing). Their activations at the artifact
+        tokens are huge, so even the tiny gradient of a student that starts at its targets grew the artifacts
+        back: AdamW's first steps are lr-sized whatever the gradient's size."""
+        if self.hparams.ablate_neurons and self.neurons is not None:
+            for block, units in self.neurons.units.items():
+                grad = self.student_vit.blocks[block].mlp.fc2.weight.grad
+                if grad is not None:
+                    grad[:, units] = 0
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leave the frozen teacher out (it is rebuilt from the backbone) and keep the view generator's state."""

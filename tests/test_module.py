@@ -112,10 +112,16 @@ def test_auto_trains_the_registers_and_the_blocks_where_the_artifacts_build(capl
     assert {n.split(".")[1] for n in trainable(module) if n.startswith("blocks.")} == {"2", "3"}
     assert module.neurons is found and set(found.units) == {2, 3} and module.targets.neurons is found
     assert found.images == [f"tensor:{i}" for i in range(12)]  # 12 training images over 3 batches, by key
+    for block, units in found.units.items():  # the switched-off units stay off while the rest of fc2 trains
+        trained, original = module.student_vit.blocks[block].mlp.fc2.weight, module.teacher.blocks[block].mlp.fc2.weight
+        off = torch.zeros(trained.shape[1], dtype=torch.bool)
+        off[units] = True
+        assert trained[:, off].abs().max() == 0 and original[:, off].abs().max() > 0
+        assert (trained[:, ~off] - original[:, ~off]).abs().max() > 1e-4
     said = first_lines(caplog)
     assert len(said) == 1 and said[0].startswith("Artifact source (12 training images): up to ")
-    assert f"artifacts build in blocks 2-3, {found.count} register neurons (switched off in the targets, off in " \
-           "the student from the start); training the registers and blocks 2-3." in said[0]
+    assert f"artifacts build in blocks 2-3, {found.count} register neurons (switched off in the targets, kept off " \
+           "in the student); training the registers and blocks 2-3." in said[0]
     caplog.clear()
     clean = RetrofitModule(vit(), targets=FAST)
     trainer(1).fit(clean, datamodule=data())
