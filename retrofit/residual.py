@@ -123,7 +123,8 @@ def _separation(model: nn.Module, images: Tensor, tokens: Tensor, batch_size: in
     """Mean of the ``tokens`` (images, patches) bool minus the mean of the other patch tokens, at every point of the
     residual stream as :func:`residual_norms` indexes it, (1 + blocks, D) float64."""
     depth, current = len(model.blocks) + 1, {}
-    chosen = total = torch.zeros(depth, model.embed_dim, dtype=torch.float64, device=model_device(model))
+    chosen = torch.zeros(depth, model.embed_dim, dtype=torch.float64, device=model_device(model))
+    total = torch.zeros_like(chosen)
 
     def record(i: int, x: Tensor) -> None:
         mask = current["mask"].to(x.device)
